@@ -1,0 +1,55 @@
+"""Engine creation for the telemetry database, SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, make_url
+from sqlmodel import create_engine
+
+__all__ = ["DEFAULT_DATABASE_URL", "database_url_from_env", "make_engine"]
+
+#: The embedded default: an SQLite file under the project's data directory.
+DEFAULT_DATABASE_URL = "sqlite:///data/telemetry.db"
+
+#: How long an SQLite connection waits for a writer's lock before failing, in ms.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def database_url_from_env(environ: os._Environ[str] | dict[str, str] | None = None) -> str:
+    """Return ``DATABASE_URL`` from the environment, or the SQLite default."""
+    environ = os.environ if environ is None else environ
+    return environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """Create an engine; SQLite gets WAL mode, a busy timeout and foreign keys.
+
+    A ``postgresql://`` URL is run on psycopg 3. The parent folder of an SQLite
+    file is created if missing.
+    """
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs.setdefault("connect_args", {}).setdefault("timeout", SQLITE_BUSY_TIMEOUT_MS / 1000)
+    else:
+        kwargs.setdefault("pool_pre_ping", True)
+    engine = create_engine(parsed, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _configure_sqlite)
+    return engine
+
+
+def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,456 @@
+"""Async client of the queue service, on httpx.
+
+    async with QueueClient(["http://127.0.0.1:8080"]) as queue:
+        await queue.create_queue("telemetry")
+        await queue.publish("telemetry", [OutgoingMessage(body={...}, key="a:1")])
+        for message in await queue.lease("telemetry", max_messages=100, wait_s=20):
+            ...
+        await queue.ack("telemetry", [message.receipt])
+
+Connection errors, 429 and 5xx answers are retried with exponential backoff and
+full jitter, honouring ``Retry-After``. A publish is retried with the same body,
+so messages that carry an idempotency ``key`` are stored once however often the
+request is repeated. Long-polls run on their own connection pool, so waiting
+leases never hold up publishes and acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+__all__ = [
+    "QueueClient",
+    "RetryPolicy",
+    "OutgoingMessage",
+    "PublishResult",
+    "LeasedMessage",
+    "ReceiptResult",
+    "QueueError",
+    "QueueUnavailable",
+    "QueueRequestError",
+    "QueueNotFound",
+]
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504, 507})
+
+#: Extra read time a long-poll gets beyond its ``wait_s``, in seconds.
+LONG_POLL_MARGIN_S = 10.0
+
+
+class QueueError(Exception):
+    """Root of the queue client's errors."""
+
+
+class QueueUnavailable(QueueError):
+    """The queue could not be reached or kept answering 429/5xx until retries ran out.
+
+    The caller may try again later. ``status`` is the last HTTP status, or ``None``
+    for a transport failure.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class QueueRequestError(QueueError):
+    """The queue rejected the request (a 4xx other than 429): fix the call, do not retry."""
+
+    def __init__(self, message: str, *, status: int, problem: Mapping[str, Any] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.problem = dict(problem or {})
+
+
+class QueueNotFound(QueueRequestError):
+    """The named queue does not exist (404)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How the client retries retryable failures.
+
+    ``max_attempts=None`` retries until ``max_elapsed_s`` passes, or forever when
+    that is ``None`` too. Backoff doubles from ``initial_backoff_s`` up to
+    ``max_backoff_s`` (seconds), with full jitter.
+    """
+
+    max_attempts: int | None = 8
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 10.0
+    max_elapsed_s: float | None = None
+
+    def backoff(self, attempt: int, retry_after: float | None = None) -> float:
+        """Return the sleep before retry number ``attempt`` (1-based), in seconds."""
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * (2 ** (attempt - 1)))
+        delay = random.uniform(0, ceiling)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        return delay
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """A message to publish. ``body`` is any JSON value; ``key`` makes the publish idempotent."""
+
+    body: Any
+    key: str | None = None
+    delay_s: float = 0
+
+    def to_json(self) -> dict[str, Any]:
+        item: dict[str, Any] = {"body": self.body}
+        if self.key is not None:
+            item["key"] = self.key
+        if self.delay_s:
+            item["delay_s"] = self.delay_s
+        return item
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    id: str
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedMessage:
+    """A message handed out under a lease. ``receipt`` acks, nacks or extends this delivery only."""
+
+    id: str
+    receipt: str
+    body: Any
+    deliveries: int
+    published_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptResult:
+    """Outcome of an ack, nack or extend for one receipt.
+
+    ``status`` is ``acked``, ``nacked``, ``dead_lettered`` or ``extended`` on success;
+    ``stale`` when the message was leased again since this receipt was issued;
+    ``not_found`` when the message is gone (already acked, dead-lettered or deleted);
+    ``invalid`` for a receipt the server cannot parse.
+    """
+
+    receipt: str
+    status: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("acked", "nacked", "dead_lettered", "extended")
+
+
+@dataclass
+class _Node:
+    url: str
+    client: httpx.AsyncClient
+    poll_client: httpx.AsyncClient
+    failures: int = field(default=0)
+
+
+class QueueClient:
+    """Client of one or more queue nodes; each queue name maps to one node by hash.
+
+    All options are keyword-only. ``transport`` replaces the network (tests pass an
+    ``httpx.ASGITransport`` or a respx mock). ``http2=True`` speaks cleartext HTTP/2
+    with prior knowledge to ``http://`` nodes and negotiates it by ALPN on ``https://``.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        token: str | None = None,
+        http2: bool = True,
+        timeout_s: float = 30.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int = 20,
+    ) -> None:
+        if isinstance(urls, str):
+            urls = [u.strip() for u in urls.split(",") if u.strip()]
+        if not urls:
+            raise ValueError("QueueClient needs at least one queue URL, got none")
+        self.retry = retry or RetryPolicy()
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._nodes = [
+            _Node(
+                url=url.rstrip("/"),
+                client=self._make_client(
+                    url, headers, http2, timeout_s, transport, max_connections
+                ),
+                poll_client=self._make_client(
+                    url, headers, http2, timeout_s + LONG_POLL_MARGIN_S, transport, max_connections
+                ),
+            )
+            for url in urls
+        ]
+        self._closed = False
+
+    @staticmethod
+    def _make_client(
+        url: str,
+        headers: dict[str, str],
+        http2: bool,
+        timeout_s: float,
+        transport: httpx.AsyncBaseTransport | None,
+        max_connections: int,
+    ) -> httpx.AsyncClient:
+        tls = url.startswith("https://")
+        return httpx.AsyncClient(
+            base_url=url.rstrip("/"),
+            headers=headers,
+            http1=tls or not http2,
+            http2=http2,
+            timeout=httpx.Timeout(timeout_s, connect=5.0),
+            transport=transport,
+            limits=httpx.Limits(max_connections=max_connections),
+        )
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self._nodes]
+
+    async def __aenter__(self) -> "QueueClient":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every connection. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for node in self._nodes:
+            await node.client.aclose()
+            await node.poll_client.aclose()
+
+    # Queue administration
+
+    async def create_queue(self, name: str, **config: Any) -> dict[str, Any]:
+        """Create or update queue ``name`` (idempotent) and return its configuration."""
+        return await self._call(name, "PUT", f"/v1/queues/{name}", config)
+
+    async def get_queue(self, name: str) -> dict[str, Any]:
+        """Return the configuration and stats of queue ``name``."""
+        return await self._call(name, "GET", f"/v1/queues/{name}", None)
+
+    async def list_queues(self) -> list[dict[str, Any]]:
+        """Return every queue of every node."""
+        queues: list[dict[str, Any]] = []
+        for node in self._nodes:
+            answer = await self._send(node, node.client, "GET", "/v1/queues", None, name=None)
+            queues.extend(answer["queues"])
+        return queues
+
+    async def delete_queue(self, name: str) -> None:
+        await self._call(name, "DELETE", f"/v1/queues/{name}", None)
+
+    # Messages
+
+    async def publish(
+        self, queue: str, messages: Iterable[OutgoingMessage | Mapping[str, Any]]
+    ) -> list[PublishResult]:
+        """Publish up to 1000 messages; return once they are durable, one result each."""
+        items = [m.to_json() if isinstance(m, OutgoingMessage) else dict(m) for m in messages]
+        answer = await self._call(queue, "POST", f"/v1/queues/{queue}/messages", {"messages": items})
+        return [PublishResult(id=r["id"], duplicate=r["duplicate"]) for r in answer["results"]]
+
+    async def lease(
+        self,
+        queue: str,
+        *,
+        max_messages: int = 1000,
+        wait_s: float = 20,
+        visibility_timeout_s: float | None = None,
+    ) -> list[LeasedMessage]:
+        """Long-poll for up to ``max_messages``; an empty list when ``wait_s`` passes first."""
+        payload: dict[str, Any] = {"max_messages": max_messages, "wait_s": wait_s}
+        if visibility_timeout_s is not None:
+            payload["visibility_timeout_s"] = visibility_timeout_s
+        answer = await self._call(
+            queue, "POST", f"/v1/queues/{queue}/leases", payload, long_poll=True
+        )
+        return [
+            LeasedMessage(
+                id=m["id"],
+                receipt=m["receipt"],
+                body=m["body"],
+                deliveries=m["deliveries"],
+                published_at=m["published_at"],
+            )
+            for m in answer["messages"]
+        ]
+
+    async def ack(self, queue: str, receipts: Sequence[str]) -> list[ReceiptResult]:
+        """Acknowledge deliveries; an acked message is never delivered again."""
+        return await self._receipts(queue, "acks", {"receipts": list(receipts)})
+
+    async def nack(
+        self,
+        queue: str,
+        receipts: Sequence[str],
+        *,
+        delay_s: float = 0,
+        dead_letter: bool = False,
+        reason: str | None = None,
+    ) -> list[ReceiptResult]:
+        """Return deliveries to the queue after ``delay_s``, or to the dead-letter queue."""
+        payload: dict[str, Any] = {"receipts": list(receipts), "delay_s": delay_s}
+        if dead_letter:
+            payload["dead_letter"] = True
+        if reason is not None:
+            payload["reason"] = reason
+        return await self._receipts(queue, "nacks", payload)
+
+    async def extend(
+        self, queue: str, receipts: Sequence[str], *, visibility_timeout_s: float
+    ) -> list[ReceiptResult]:
+        """Push the leases' expiry to ``visibility_timeout_s`` seconds from now."""
+        payload = {"receipts": list(receipts), "visibility_timeout_s": visibility_timeout_s}
+        return await self._receipts(queue, "extend", payload)
+
+    async def redrive(self, dead_letter_queue: str, *, max_messages: int | None = None) -> int:
+        """Move messages of a dead-letter queue back to their source queues; return how many."""
+        payload = {} if max_messages is None else {"max_messages": max_messages}
+        answer = await self._call(
+            dead_letter_queue, "POST", f"/v1/queues/{dead_letter_queue}/redrive", payload
+        )
+        return int(answer["redriven"])
+
+    async def _receipts(self, queue: str, verb: str, payload: dict[str, Any]) -> list[ReceiptResult]:
+        answer = await self._call(queue, "POST", f"/v1/queues/{queue}/{verb}", payload)
+        return [ReceiptResult(receipt=r["receipt"], status=r["status"]) for r in answer["results"]]
+
+    # Transport
+
+    def _node_for(self, queue: str) -> _Node:
+        if len(self._nodes) == 1:
+            return self._nodes[0]
+        return self._nodes[zlib.crc32(queue.encode()) % len(self._nodes)]
+
+    async def _call(
+        self, queue: str, method: str, path: str, payload: Any, *, long_poll: bool = False
+    ) -> Any:
+        node = self._node_for(queue)
+        client = node.poll_client if long_poll else node.client
+        return await self._send(node, client, method, path, payload, name=queue)
+
+    async def _send(
+        self,
+        node: _Node,
+        client: httpx.AsyncClient,
+        method: str,
+        path: str,
+        payload: Any,
+        *,
+        name: str | None,
+    ) -> Any:
+        if self._closed:
+            raise RuntimeError("QueueClient is closed")
+        content = orjson.dumps(payload) if payload is not None else None
+        headers = {"content-type": "application/json"} if content is not None else None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        attempt = 0
+        while True:
+            attempt += 1
+            retry_after: float | None = None
+            try:
+                response = await client.request(method, path, content=content, headers=headers)
+            except httpx.TransportError as exc:
+                status: int | None = None
+                failure = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code < 400:
+                    if node.failures:
+                        logger.info(
+                            "queue %s reachable again after %d failed attempts",
+                            node.url,
+                            node.failures,
+                        )
+                        node.failures = 0
+                    return orjson.loads(response.content) if response.content else None
+                status = response.status_code
+                if status not in RETRYABLE_STATUS:
+                    raise _request_error(method, path, response, name)
+                failure = f"HTTP {status}: {_problem_detail(response)}"
+                retry_after = _retry_after(response)
+
+            node.failures += 1
+            elapsed = loop.time() - started
+            if not self._may_retry(attempt, elapsed):
+                raise QueueUnavailable(
+                    f"{method} {node.url}{path} failed after {attempt} attempts "
+                    f"in {elapsed:.1f} s: {failure}",
+                    status=status,
+                )
+            delay = self.retry.backoff(attempt, retry_after)
+            level = logging.WARNING if attempt == 1 else logging.DEBUG
+            logger.log(
+                level,
+                "%s %s%s failed (%s), retry %d in %.2f s",
+                method,
+                node.url,
+                path,
+                failure,
+                attempt,
+                delay,
+            )
+            await asyncio.sleep(delay)
+
+    def _may_retry(self, attempt: int, elapsed: float) -> bool:
+        if self.retry.max_attempts is not None and attempt >= self.retry.max_attempts:
+            return False
+        if self.retry.max_elapsed_s is not None and elapsed >= self.retry.max_elapsed_s:
+            return False
+        return True
+
+
+def _problem_detail(response: httpx.Response) -> str:
+    try:
+        problem = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return response.text[:200] or response.reason_phrase
+    if isinstance(problem, dict) and "detail" in problem:
+        return str(problem["detail"])
+    return response.text[:200]
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    raw = response.headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        return None
+
+
+def _request_error(
+    method: str, path: str, response: httpx.Response, name: str | None
+) -> QueueRequestError:
+    try:
+        problem = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        problem = {}
+    if not isinstance(problem, dict):
+        problem = {}
+    detail = problem.get("detail") or response.text[:200] or response.reason_phrase
+    message = f"{method} {path} rejected with HTTP {response.status_code}: {detail}"
+    if response.status_code == 404:
+        return QueueNotFound(message, status=404, problem=problem)
+    return QueueRequestError(message, status=response.status_code, problem=problem)
