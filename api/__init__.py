@@ -1,0 +1,1 @@
+"""Read-only REST API gateway over the telemetry database (APIFlask, served by granian)."""
