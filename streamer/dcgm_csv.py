@@ -1,0 +1,380 @@
+"""Streaming reader of DCGM exporter CSV dumps.
+
+The dump has a header row and one quoted record per metric sample::
+
+    timestamp,metric_name,gpu_id,device,uuid,modelName,Hostname,container,pod,namespace,value,labels_raw
+
+Columns are found by header name, so their order does not matter. The file is read
+as bytes, one physical line at a time, and fed to the ``csv`` module, so memory use
+does not grow with the file. Reading can start at any record boundary given as a
+byte offset, which is how a streamer reads one shard of a large file without
+reading what comes before it.
+
+A record that cannot become a ``TelemetryRecord`` is returned as a ``RejectedRow``
+with a short, bounded ``reason`` (fit for a metric label) and its line number.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from pydantic import ValidationError
+
+from telemetry.record import TelemetryRecord
+
+__all__ = [
+    "EXPORTER_COLUMNS",
+    "CsvFormatError",
+    "CsvHeader",
+    "ParsedRow",
+    "RejectedRow",
+    "REJECT_REASONS",
+    "parse_labels",
+    "read_header",
+    "read_rows",
+    "scan_records",
+]
+
+#: Header of a dump, in the order the DCGM exporter writes the columns.
+EXPORTER_COLUMNS = (
+    "timestamp",
+    "metric_name",
+    "gpu_id",
+    "device",
+    "uuid",
+    "modelName",
+    "Hostname",
+    "container",
+    "pod",
+    "namespace",
+    "value",
+    "labels_raw",
+)
+
+#: Columns every dump must have (header names as the DCGM exporter writes them).
+REQUIRED_COLUMNS = (
+    "timestamp",
+    "metric_name",
+    "gpu_id",
+    "device",
+    "uuid",
+    "modelName",
+    "Hostname",
+    "value",
+)
+
+# Required columns whose value may still be empty in a row. The optional columns
+# container, pod, namespace and labels_raw may be empty or absent from the header.
+_MAY_BE_EMPTY = ("device", "modelName")
+
+#: Every reason a row can be rejected for. The set is fixed so metric labels stay bounded.
+REJECT_REASONS = (
+    "column_count",
+    "invalid_utf8",
+    "missing_field",
+    "invalid_gpu_id",
+    "invalid_timestamp",
+    "invalid_value",
+    "non_finite_value",
+    "invalid_labels",
+    "invalid_field",
+)
+
+_BOM = b"\xef\xbb\xbf"
+
+# One Prometheus-style label: name="value", where the value may contain \" and \\ escapes.
+_LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_.:-]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)', re.S)
+_DIGITS = re.compile(r"[0-9]+")
+_LABEL_ESCAPE = re.compile(r"\\(.)", re.S)
+_LABEL_UNESCAPED = {"n": "\n", "\\": "\\", '"': '"'}
+
+
+class CsvFormatError(ValueError):
+    """The file is missing, empty, or its header lacks a required column."""
+
+
+@dataclass(frozen=True, slots=True)
+class CsvHeader:
+    """Column positions of a dump and the byte offset where its first record starts."""
+
+    columns: dict[str, int]
+    width: int
+    data_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRow:
+    """A valid record and where it sits in the file.
+
+    ``record`` carries the CSV timestamp as its ``timestamp`` and a placeholder
+    ``key``. The streamer replaces both with ``stamp`` when it publishes the row.
+    ``line`` is the physical line (1-based, the header is line 1) where the record
+    starts. ``start_offset`` and ``end_offset`` are the byte offsets of its first
+    byte and of the byte just past it.
+    """
+
+    line: int
+    start_offset: int
+    end_offset: int
+    record: TelemetryRecord
+
+    def stamp(self, *, processed_at: datetime, key: str) -> TelemetryRecord:
+        """Return the record with the processing time and the idempotency key set."""
+        return self.record.model_copy(update={"timestamp": processed_at, "key": key})
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRow:
+    """A record that was skipped: ``reason`` is one of ``REJECT_REASONS``."""
+
+    line: int
+    start_offset: int
+    end_offset: int
+    reason: str
+    message: str
+
+
+class _RowError(ValueError):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_labels(raw: str) -> dict[str, str]:
+    """Parse ``key="value",key2="value2"`` into a dict.
+
+    Values may contain commas and the escapes ``\\"``, ``\\\\`` and ``\\n``. An empty
+    string gives an empty dict. Raises ``ValueError`` naming the text that does not parse.
+    """
+    labels: dict[str, str] = {}
+    position = 0
+    text = raw.strip()
+    while position < len(text):
+        match = _LABEL.match(text, position)
+        if match is None or match.end() == position:
+            raise ValueError(
+                f"labels_raw is invalid at character {position}: {text[position:position + 40]!r}; "
+                'expected key="value" pairs separated by commas'
+            )
+        name, value = match.group(1), match.group(2)
+        labels[name] = _LABEL_ESCAPE.sub(lambda m: _LABEL_UNESCAPED.get(m.group(1), m.group(0)), value)
+        position = match.end()
+    return labels
+
+
+def read_header(path: Path) -> CsvHeader:
+    """Read the header of the dump at ``path``.
+
+    Raises ``CsvFormatError`` when the file is missing or empty, or when the header
+    lacks one of ``REQUIRED_COLUMNS``.
+    """
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError as exc:
+        raise CsvFormatError(f"CSV file {str(path)!r} does not exist; pass an existing DCGM dump") from exc
+    except IsADirectoryError as exc:
+        raise CsvFormatError(f"CSV path {str(path)!r} is a directory, expected a file") from exc
+    with handle:
+        raw = handle.readline()
+        data_offset = handle.tell()
+
+    if raw.startswith(_BOM):
+        raw = raw[len(_BOM):]
+    if not raw.strip():
+        raise CsvFormatError(f"CSV file {str(path)!r} has no header row; expected {','.join(REQUIRED_COLUMNS)},...")
+    try:
+        names = next(csv.reader([raw.decode("utf-8")]))
+    except UnicodeDecodeError as exc:
+        raise CsvFormatError(f"CSV header of {str(path)!r} is not valid UTF-8: {exc}") from exc
+
+    columns = {name.strip(): index for index, name in enumerate(names)}
+    missing = [name for name in REQUIRED_COLUMNS if name not in columns]
+    if missing:
+        raise CsvFormatError(
+            f"CSV header of {str(path)!r} lacks the column(s) {missing!r}; found {names!r}. "
+            "Expected a DCGM exporter dump."
+        )
+    return CsvHeader(columns=columns, width=len(names), data_offset=data_offset)
+
+
+def read_rows(
+    path: Path,
+    header: CsvHeader,
+    *,
+    start_offset: int | None = None,
+    start_line: int = 2,
+    end_offset: int | None = None,
+) -> Iterator[ParsedRow | RejectedRow]:
+    """Yield each record of ``path`` from ``start_offset`` up to ``end_offset``.
+
+    ``start_offset`` defaults to the first record; it must be a record boundary,
+    and ``start_line`` is the line number found there. Reading stops at the end of
+    the file or at the first record that starts at or after ``end_offset``.
+    Empty lines are skipped.
+    """
+    offset = header.data_offset if start_offset is None else start_offset
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        lines = _LineSource(handle, offset, start_line)
+        reader = csv.reader(lines, strict=True)
+        while end_offset is None or lines.offset < end_offset:
+            lines.begin_record()
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                message = f"malformed CSV: {exc}"
+                yield RejectedRow(lines.record_line, lines.record_offset, lines.offset, "column_count", message)
+                continue
+            if not fields:
+                continue
+            yield _parse_record(fields, header, lines)
+
+
+def scan_records(path: Path, header: CsvHeader) -> Iterator[tuple[int, int, int]]:
+    """Yield ``(line, start_offset, end_offset)`` of every record without validating it.
+
+    The records and line numbers are the ones ``read_rows`` yields, at several times
+    its speed, which matters when a large file is cut into shards.
+    """
+    with path.open("rb") as handle:
+        handle.seek(header.data_offset)
+        lines = _LineSource(handle, header.data_offset, 2)
+        reader = csv.reader(lines, strict=True)
+        while True:
+            lines.begin_record()
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error:
+                fields = ["malformed"]
+            if fields:
+                yield lines.record_line, lines.record_offset, lines.offset
+
+
+class _LineSource:
+    """Decode byte lines for ``csv.reader`` while tracking line numbers and byte offsets.
+
+    ``csv.reader`` pulls exactly the lines of one record per ``next()``, so after a
+    record the offset is the byte just past it. Invalid UTF-8 is decoded with
+    ``surrogateescape`` and flagged, so the record is rejected but the stream goes on.
+    """
+
+    def __init__(self, handle: BinaryIO, offset: int, line: int) -> None:
+        self._handle = handle
+        self.offset = offset
+        self.next_line = line
+        self.record_line = line
+        self.record_offset = offset
+        self.invalid_utf8 = False
+
+    def begin_record(self) -> None:
+        self.record_line = self.next_line
+        self.record_offset = self.offset
+        self.invalid_utf8 = False
+
+    def __iter__(self) -> _LineSource:
+        return self
+
+    def __next__(self) -> str:
+        raw = self._handle.readline()
+        if not raw:
+            raise StopIteration
+        self.offset += len(raw)
+        self.next_line += 1
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.invalid_utf8 = True
+            return raw.decode("utf-8", errors="surrogateescape")
+
+
+def _parse_record(fields: list[str], header: CsvHeader, lines: _LineSource) -> ParsedRow | RejectedRow:
+    line, start, end = lines.record_line, lines.record_offset, lines.offset
+    try:
+        if lines.invalid_utf8:
+            raise _RowError("invalid_utf8", "the record is not valid UTF-8")
+        if len(fields) != header.width:
+            raise _RowError(
+                "column_count", f"the record has {len(fields)} fields, the header has {header.width}"
+            )
+        record = _build_record(fields, header.columns)
+    except _RowError as exc:
+        return RejectedRow(line, start, end, exc.reason, str(exc))
+    return ParsedRow(line, start, end, record)
+
+
+def _build_record(fields: list[str], columns: dict[str, int]) -> TelemetryRecord:
+    def value_of(name: str) -> str:
+        index = columns.get(name)
+        return fields[index].strip() if index is not None else ""
+
+    for name in REQUIRED_COLUMNS:
+        if name not in _MAY_BE_EMPTY and not value_of(name):
+            raise _RowError("missing_field", f"the field {name!r} is empty")
+
+    source_timestamp = _parse_timestamp(value_of("timestamp"))
+    gpu_index = _parse_gpu_index(value_of("gpu_id"))
+    value = _parse_value(value_of("value"))
+    try:
+        labels = parse_labels(value_of("labels_raw"))
+    except ValueError as exc:
+        raise _RowError("invalid_labels", str(exc)) from exc
+
+    try:
+        return TelemetryRecord(
+            uuid=value_of("uuid"),
+            hostname=value_of("Hostname"),
+            gpu_index=gpu_index,
+            device=value_of("device"),
+            model_name=value_of("modelName"),
+            metric_name=value_of("metric_name"),
+            value=value,
+            labels=labels,
+            container=value_of("container") or None,
+            pod=value_of("pod") or None,
+            namespace=value_of("namespace") or None,
+            timestamp=source_timestamp,
+            source_timestamp=source_timestamp,
+            key="unpublished",
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        location = ".".join(str(item) for item in first["loc"])
+        raise _RowError("invalid_field", f"{location}: {first['msg']}") from exc
+
+
+def _parse_timestamp(raw: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(raw.replace("Z", "+00:00") if raw.endswith("Z") else raw)
+    except ValueError as exc:
+        raise _RowError("invalid_timestamp", f"timestamp {raw!r} is not an ISO 8601 time") from exc
+    if moment.tzinfo is None:
+        # DCGM dumps write UTC; a time without an offset is read as UTC too.
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def _parse_gpu_index(raw: str) -> int:
+    if not _DIGITS.fullmatch(raw):
+        raise _RowError("invalid_gpu_id", f"gpu_id {raw!r} is not a non-negative integer")
+    return int(raw)
+
+
+def _parse_value(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise _RowError("invalid_value", f"value {raw!r} is not a number") from exc
+    if not math.isfinite(value):
+        raise _RowError("non_finite_value", f"value {raw!r} is not a finite number")
+    return value

@@ -1,0 +1,482 @@
+"""The streamer's control loop: lease a shard, publish its rows, schedule its next pass.
+
+See the package docstring for the protocol on the control queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from streamer.dcgm_csv import CsvFormatError, CsvHeader, ParsedRow, RejectedRow, read_header, read_rows
+from streamer.metrics import RejectReporter, StreamerMetrics
+from streamer.pacing import RateLimiter
+from streamer.shards import (
+    RUN_KIND,
+    RunMessage,
+    ShardMessage,
+    new_run_id,
+    plan_shards,
+    run_key,
+    source_name,
+)
+from telemetry.queue_client import LeasedMessage, OutgoingMessage, QueueClient
+from telemetry.record import TELEMETRY_QUEUE
+
+__all__ = ["StreamerConfig", "Streamer", "StreamerError", "CONTROL_QUEUE"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Default name of the queue that contains the shard messages.
+CONTROL_QUEUE = "telemetry.shards"
+
+#: Maximum rows in one publish request, the queue's own limit.
+MAX_BATCH_SIZE = 1000
+
+# Shard messages are redelivered after every graceful stop and crash of the
+# streamer that held them, so they get far more deliveries than the queue's default.
+_CONTROL_MAX_DELIVERIES = 1000
+
+# Maximum delay in seconds that the queue accepts on a publish or nack. A shard
+# message due later than that is published with this delay and, when leased
+# early, handed back until it is due.
+_MAX_DELAY_S = 43_200.0
+
+# Run keys tried before giving up; each one is taken only by a run that finished
+# within the queue's deduplication window.
+_MAX_RUN_KEYS = 100
+
+
+class StreamerError(Exception):
+    """The streamer cannot start or go on: a configuration or input problem to fix."""
+
+
+class ShardOutcome(StrEnum):
+    """Outcome of the work on one leased shard."""
+
+    COMPLETED = "completed"
+    STOPPED = "stopped"
+    LEASE_LOST = "lease_lost"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamerConfig:
+    """Settings of one streamer; times are in seconds.
+
+    ``interval_s``, ``passes`` and ``rows_per_shard`` apply only when this streamer
+    creates the run; streamers that join a run follow the values in its shard
+    messages. ``rate`` (rows per second, 0 for no cap) and ``batch_size`` are per
+    streamer.
+    """
+
+    csv_path: Path
+    interval_s: float = 1.0
+    rate: float = 0.0
+    batch_size: int = MAX_BATCH_SIZE
+    passes: int = 0
+    rows_per_shard: int = 500
+    control_queue: str = CONTROL_QUEUE
+    telemetry_queue: str = TELEMETRY_QUEUE
+    lease_timeout_s: float = 10.0
+    lease_wait_s: float = 1.0
+    reject_log_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise StreamerError(f"batch size must be 1 to {MAX_BATCH_SIZE}, got {self.batch_size!r}")
+        if self.interval_s < 0 or self.rate < 0 or self.passes < 0:
+            raise StreamerError(
+                f"interval ({self.interval_s!r}), rate ({self.rate!r}) and passes ({self.passes!r}) "
+                "must not be negative"
+            )
+        if self.rows_per_shard < 1:
+            raise StreamerError(f"rows per shard must be at least 1, got {self.rows_per_shard!r}")
+        if self.lease_timeout_s < 2:
+            raise StreamerError(f"lease timeout must be at least 2 s, got {self.lease_timeout_s!r}")
+
+
+class Streamer:
+    """Publish the rows of one CSV dump to the telemetry queue, sharing the work with its peers.
+
+    ``run()`` returns when a stop was requested (after handing back the shard in
+    hand) or, for a run with a fixed number of passes, once the control queue
+    contains no message. It raises ``StreamerError`` when the CSV file is missing or
+    has no valid header.
+    """
+
+    def __init__(
+        self,
+        queue: QueueClient,
+        config: StreamerConfig,
+        *,
+        metrics: StreamerMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.queue = queue
+        self.config = config
+        self.metrics = metrics or StreamerMetrics()
+        self.ready = False
+        self._clock = clock
+        self._stop = asyncio.Event()
+        self._rate = RateLimiter(config.rate)
+        self._source = source_name(config.csv_path)
+        self._rejects = RejectReporter(
+            self.metrics, self._source, interval_s=config.reject_log_interval_s
+        )
+        self._last_lag_log = float("-inf")
+        self._last_mismatch_log = float("-inf")
+        self._header: CsvHeader | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def request_stop(self) -> None:
+        """Ask ``run()`` to finish the batch in flight, hand its shard back and return."""
+        if not self._stop.is_set():
+            logger.info("stop requested: finishing the batch in flight, if any")
+        self._stop.set()
+
+    def check_input(self) -> None:
+        """Read the CSV header now; raise ``StreamerError`` when the file cannot be streamed."""
+        self._header = self._read_header()
+
+    async def run(self) -> None:
+        """Create the queues, join or create the run, then lease and publish shards until stopped."""
+        header = self._header or self._read_header()
+        file_size = self.config.csv_path.stat().st_size
+        await self._create_queues()
+        await self._join_or_create_run(header, file_size)
+        self.ready = True
+
+        while not self._stop.is_set():
+            leased = await self._unless_stopped(
+                self.queue.lease(
+                    self.config.control_queue,
+                    max_messages=1,
+                    wait_s=self.config.lease_wait_s,
+                    visibility_timeout_s=self.config.lease_timeout_s,
+                )
+            )
+            if leased is None:
+                break
+            if leased:
+                await self._handle(leased[0], header, file_size)
+                continue
+            if await self._control_queue_empty():
+                if self.config.passes:
+                    logger.info("every shard of the last pass is done: stopping")
+                    break
+                await self._join_or_create_run(header, file_size)
+        self.ready = False
+
+    async def _unless_stopped(self, call: Coroutine[Any, Any, T]) -> T | None:
+        """Await ``call`` unless a stop is requested first; then cancel it and return ``None``.
+
+        Used for the idle lease poll, which holds no work and may be retrying
+        against an unreachable queue. A lease cancelled just as the queue granted it
+        returns to the queue when its visibility timeout ends.
+        """
+        task = asyncio.ensure_future(call)
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            return None
+        return task.result()
+
+    def _read_header(self) -> CsvHeader:
+        try:
+            return read_header(self.config.csv_path)
+        except CsvFormatError as exc:
+            raise StreamerError(str(exc)) from exc
+
+    async def _create_queues(self) -> None:
+        await self.queue.create_queue(self.config.telemetry_queue)
+        await self.queue.create_queue(
+            self.config.control_queue,
+            visibility_timeout_s=self.config.lease_timeout_s,
+            max_deliveries=_CONTROL_MAX_DELIVERIES,
+        )
+
+    async def _control_queue_empty(self) -> bool:
+        stats = (await self.queue.get_queue(self.config.control_queue))["stats"]
+        return int(stats["ready"]) + int(stats["leased"]) + int(stats["delayed"]) == 0
+
+    async def _join_or_create_run(self, header: CsvHeader, file_size: int) -> None:
+        """Publish a run-creation message unless the control queue already contains a run.
+
+        Streamers started together publish under the same key, so the queue stores
+        the first message and reports the others as duplicates. The streamer that
+        leases the stored message publishes pass 0 (see ``_start_run``).
+
+        A duplicate with an empty control queue means that the key belongs to a run
+        that finished within the queue's deduplication window, so the next key in
+        the sequence is tried. Every streamer walks the same sequence, so they still
+        agree on one run.
+        """
+        plan: list[list[int]] | None = None
+        for attempt in range(_MAX_RUN_KEYS):
+            if not await self._control_queue_empty():
+                logger.info("joining the run in progress on queue %s", self.config.control_queue)
+                return
+            if plan is None:
+                ranges = await asyncio.to_thread(
+                    plan_shards, self.config.csv_path, header, rows_per_shard=self.config.rows_per_shard
+                )
+                if not ranges:
+                    raise StreamerError(f"CSV file {str(self.config.csv_path)!r} has no records to stream")
+                plan = [[r.start_offset, r.end_offset, r.start_line] for r in ranges]
+
+            now = self._clock()
+            run = RunMessage(
+                run_id=new_run_id(now),
+                source=self._source,
+                file_size=file_size,
+                passes=self.config.passes,
+                run_start=now,
+                interval_s=self.config.interval_s,
+                shards=plan,
+            )
+            key = run_key(self._source, file_size, attempt)
+            results = await self.queue.publish(
+                self.config.control_queue, [OutgoingMessage(body=run.to_body(), key=key)]
+            )
+            if not results[0].duplicate:
+                logger.info(
+                    "created run %s of %s: %d shards of up to %d rows, %s passes every %.3f s",
+                    run.run_id,
+                    self._source,
+                    len(plan),
+                    self.config.rows_per_shard,
+                    self.config.passes or "unlimited",
+                    self.config.interval_s,
+                )
+                return
+        raise StreamerError(
+            f"every run key of {self._source!r} up to attempt {_MAX_RUN_KEYS} is taken; "
+            "wait for the queue's deduplication window to pass"
+        )
+
+    async def _start_run(self, leased: LeasedMessage) -> None:
+        """Publish pass 0's shard messages of a run-creation message, then ack it.
+
+        The shard messages' keys make this idempotent, so a crash half-way only
+        means the next streamer to lease the message publishes them again.
+        """
+        queue = self.config.control_queue
+        try:
+            run = RunMessage.from_body(leased.body)
+        except ValueError as exc:
+            await self._dead_letter(leased, exc)
+            return
+        shards = run.shard_messages()
+        for first in range(0, len(shards), MAX_BATCH_SIZE):
+            chunk = shards[first:first + MAX_BATCH_SIZE]
+            await self.queue.publish(queue, [OutgoingMessage(body=m.to_body(), key=m.key) for m in chunk])
+        await self.queue.ack(queue, [leased.receipt])
+        logger.info("started run %s: published %d shards of pass 0", run.run_id, len(shards))
+
+    async def _handle(self, leased: LeasedMessage, header: CsvHeader, file_size: int) -> None:
+        body = leased.body
+        if isinstance(body, dict) and body.get("kind") == RUN_KIND:
+            await self._start_run(leased)
+            return
+        try:
+            shard = ShardMessage.from_body(body)
+        except ValueError as exc:
+            await self._dead_letter(leased, exc)
+            return
+        if shard.source != self._source or shard.file_size != file_size:
+            await self._hand_back_foreign(leased, shard, file_size)
+            return
+        if self._stop.is_set():
+            await self._finish(leased, shard, ShardOutcome.STOPPED)
+            return
+        early_s = shard.due_at - self._clock()
+        if early_s > 1.0:
+            # Leased before its pass is due: a delay longer than the queue allows,
+            # or another streamer's clock runs ahead of this one.
+            await self.queue.nack(self.config.control_queue, [leased.receipt], delay_s=min(early_s, _MAX_DELAY_S))
+            return
+
+        self._report_lag(shard)
+        self.metrics.shards_held.inc()
+        try:
+            outcome = await self._work_under_lease(leased, shard, header)
+        finally:
+            self.metrics.shards_held.dec()
+        await self._finish(leased, shard, outcome)
+
+    async def _dead_letter(self, leased: LeasedMessage, error: ValueError) -> None:
+        queue = self.config.control_queue
+        logger.error("dead-lettering the invalid message %s of queue %s: %s", leased.id, queue, error)
+        await self.queue.nack(queue, [leased.receipt], dead_letter=True, reason=str(error)[:200])
+
+    async def _finish(self, leased: LeasedMessage, shard: ShardMessage, outcome: ShardOutcome) -> None:
+        queue = self.config.control_queue
+        if outcome is ShardOutcome.LEASE_LOST:
+            logger.warning(
+                "lost the lease on shard %d pass %d; another streamer publishes it again",
+                shard.index,
+                shard.pass_index,
+            )
+            return
+        if outcome is ShardOutcome.STOPPED:
+            await self.queue.nack(queue, [leased.receipt], delay_s=0)
+            logger.info("handed back shard %d pass %d", shard.index, shard.pass_index)
+            return
+
+        if not shard.is_last_pass:
+            following = shard.next_pass()
+            delay = min(max(0.0, following.due_at - self._clock()), _MAX_DELAY_S)
+            await self.queue.publish(
+                queue, [OutgoingMessage(body=following.to_body(), key=following.key, delay_s=round(delay, 3))]
+            )
+        results = await self.queue.ack(queue, [leased.receipt])
+        self.metrics.shards_completed.inc()
+        if not results[0].ok:
+            # The lease ran out while the rows were published and another streamer
+            # has the shard now. It publishes the same keys, so nothing is stored twice.
+            logger.warning(
+                "ack of shard %d pass %d returned %s", shard.index, shard.pass_index, results[0].status
+            )
+        logger.debug("completed shard %d pass %d", shard.index, shard.pass_index)
+
+    async def _hand_back_foreign(self, leased: LeasedMessage, shard: ShardMessage, file_size: int) -> None:
+        now = time.monotonic()
+        if now - self._last_mismatch_log >= 10.0:
+            self._last_mismatch_log = now
+            logger.error(
+                "queue %s contains shards of %s (%d bytes), but this streamer reads %s (%d bytes); "
+                "give each CSV file its own control queue",
+                self.config.control_queue,
+                shard.source,
+                shard.file_size,
+                self._source,
+                file_size,
+            )
+        await self.queue.nack(self.config.control_queue, [leased.receipt], delay_s=1.0)
+
+    def _report_lag(self, shard: ShardMessage) -> None:
+        if shard.interval_s == 0:
+            # Without an interval every pass is due at once, so there is no schedule to fall behind.
+            return
+        lag = max(0.0, self._clock() - shard.due_at)
+        self.metrics.schedule_lag.set(lag)
+        tolerance = max(1.0, shard.interval_s)
+        now = time.monotonic()
+        if lag > tolerance and now - self._last_lag_log >= 10.0:
+            self._last_lag_log = now
+            logger.warning(
+                "behind schedule: shard %d of pass %d starts %.1f s late",
+                shard.index,
+                shard.pass_index,
+                lag,
+            )
+
+    async def _work_under_lease(
+        self, leased: LeasedMessage, shard: ShardMessage, header: CsvHeader
+    ) -> ShardOutcome:
+        lease_lost = asyncio.Event()
+        keeper = asyncio.create_task(self._keep_lease(leased.receipt, lease_lost))
+        try:
+            return await self._publish_shard(shard, header, lease_lost)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    async def _keep_lease(self, receipt: str, lease_lost: asyncio.Event) -> None:
+        """Extend the lease every third of its timeout until cancelled or the lease is lost."""
+        period = self.config.lease_timeout_s / 3
+        while True:
+            await asyncio.sleep(period)
+            results = await self.queue.extend(
+                self.config.control_queue, [receipt], visibility_timeout_s=self.config.lease_timeout_s
+            )
+            if not results[0].ok:
+                lease_lost.set()
+                return
+
+    async def _publish_shard(
+        self, shard: ShardMessage, header: CsvHeader, lease_lost: asyncio.Event
+    ) -> ShardOutcome:
+        """Publish the shard's rows in batches, with one batch in flight while the next is read.
+
+        After each batch the streamer checks for a lost lease and a stop request, so
+        a stop sends no batch beyond the one in flight.
+        """
+        rows = read_rows(
+            self.config.csv_path,
+            header,
+            start_offset=shard.start_offset,
+            start_line=shard.start_line,
+            end_offset=shard.end_offset,
+        )
+        in_flight: asyncio.Task[None] | None = None
+        try:
+            for batch in self._batches(rows):
+                await self._rate.acquire(len(batch))
+                messages = self._messages(shard, batch)
+                if in_flight is not None:
+                    await in_flight
+                    if lease_lost.is_set():
+                        return ShardOutcome.LEASE_LOST
+                    if self._stop.is_set():
+                        return ShardOutcome.STOPPED
+                in_flight = asyncio.create_task(self._publish_batch(messages))
+            if in_flight is not None:
+                await in_flight
+        finally:
+            if in_flight is not None and not in_flight.done():
+                in_flight.cancel()
+        return ShardOutcome.LEASE_LOST if lease_lost.is_set() else ShardOutcome.COMPLETED
+
+    def _batches(self, rows: Iterator[ParsedRow | RejectedRow]) -> Iterator[list[ParsedRow]]:
+        """Group valid rows into batches, counting every row read and reporting rejected ones."""
+        batch: list[ParsedRow] = []
+        for row in rows:
+            self.metrics.rows_read.inc()
+            if isinstance(row, RejectedRow):
+                self._rejects.report(row)
+                continue
+            batch.append(row)
+            if len(batch) == self.config.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _messages(self, shard: ShardMessage, batch: list[ParsedRow]) -> list[OutgoingMessage]:
+        messages = []
+        for row in batch:
+            key = shard.row_key(row.line)
+            record = row.stamp(processed_at=datetime.now(UTC), key=key)
+            messages.append(OutgoingMessage(body=record.to_body(), key=key))
+        return messages
+
+    async def _publish_batch(self, messages: list[OutgoingMessage]) -> None:
+        started = time.perf_counter()
+        results = await self.queue.publish(self.config.telemetry_queue, messages)
+        self.metrics.publish_seconds.observe(time.perf_counter() - started)
+        self.metrics.rows_published.inc(len(results))
+        duplicates = sum(1 for result in results if result.duplicate)
+        if duplicates:
+            self.metrics.rows_duplicate.inc(duplicates)

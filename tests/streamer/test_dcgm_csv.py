@@ -1,0 +1,223 @@
+"""Parsing of DCGM exporter CSV dumps: good rows, every kind of bad row, file formats."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from streamer.dcgm_csv import (
+    REJECT_REASONS,
+    CsvFormatError,
+    ParsedRow,
+    RejectedRow,
+    parse_labels,
+    read_header,
+    read_rows,
+)
+
+HEADER = b"timestamp,metric_name,gpu_id,device,uuid,modelName,Hostname,container,pod,namespace,value,labels_raw"
+LABELS = b'"DCGM_FI_DRIVER_VERSION=""535.129.03"",Hostname=""host-1"",gpu=""0"""'
+
+
+def record(
+    *,
+    timestamp: bytes = b'"2025-07-18T20:42:34Z"',
+    metric: bytes = b'"DCGM_FI_DEV_GPU_UTIL"',
+    gpu_id: bytes = b'"0"',
+    uuid: bytes = b'"GPU-1"',
+    hostname: bytes = b'"host-1"',
+    container: bytes = b'""',
+    value: bytes = b'"42.5"',
+    labels: bytes = LABELS,
+) -> bytes:
+    fields = [
+        timestamp, metric, gpu_id, b'"nvidia0"', uuid, b'"NVIDIA H100 80GB HBM3"', hostname,
+        container, b'""', b'""', value, labels,
+    ]
+    return b",".join(fields)
+
+
+def parse(tmp_path: Path, content: bytes) -> list[ParsedRow | RejectedRow]:
+    path = tmp_path / "dump.csv"
+    path.write_bytes(content)
+    return list(read_rows(path, read_header(path)))
+
+
+GOOD = record()
+
+BAD_ROWS = [
+    pytest.param(record(uuid=b'""'), "missing_field", id="missing-uuid"),
+    pytest.param(record(hostname=b'"  "'), "missing_field", id="blank-hostname"),
+    pytest.param(record(value=b'""'), "missing_field", id="missing-value"),
+    pytest.param(record(value=b'"abc"'), "invalid_value", id="non-numeric-value"),
+    pytest.param(record(value=b'"NaN"'), "non_finite_value", id="nan-value"),
+    pytest.param(record(value=b'"inf"'), "non_finite_value", id="infinite-value"),
+    pytest.param(record(value=b'"-Infinity"'), "non_finite_value", id="negative-infinity"),
+    pytest.param(record(gpu_id=b'"-1"'), "invalid_gpu_id", id="negative-gpu-id"),
+    pytest.param(record(gpu_id=b'"one"'), "invalid_gpu_id", id="text-gpu-id"),
+    pytest.param(record(timestamp=b'"yesterday"'), "invalid_timestamp", id="bad-timestamp"),
+    pytest.param(record(labels=b'"gpu=0"'), "invalid_labels", id="unquoted-label"),
+    pytest.param(record(labels=b'"gpu=""0"" job"'), "invalid_labels", id="label-junk"),
+    pytest.param(GOOD + b',"extra"', "column_count", id="too-many-columns"),
+    pytest.param(b'"2025-07-18T20:42:34Z","DCGM_FI_DEV_GPU_UTIL","0"', "column_count", id="too-few-columns"),
+    pytest.param(record(hostname=b'"host-\xff"'), "invalid_utf8", id="invalid-utf8"),
+    pytest.param(record(uuid=b'"' + b"G" * 200 + b'"'), "invalid_field", id="uuid-too-long"),
+]
+
+
+@pytest.mark.parametrize(("line", "reason"), BAD_ROWS)
+def test_bad_row_rejected_and_stream_continues(tmp_path: Path, line: bytes, reason: str) -> None:
+    rows = parse(tmp_path, HEADER + b"\n" + GOOD + b"\n" + line + b"\n" + GOOD + b"\n")
+
+    assert [type(row) for row in rows] == [ParsedRow, RejectedRow, ParsedRow]
+    rejected = rows[1]
+    assert isinstance(rejected, RejectedRow)
+    assert rejected.reason == reason
+    assert rejected.reason in REJECT_REASONS
+    assert rejected.line == 3
+    assert rows[2].line == 4
+
+
+FORMATS = [
+    pytest.param(HEADER + b"\n" + GOOD + b"\n", id="plain"),
+    pytest.param(b"\xef\xbb\xbf" + HEADER + b"\n" + GOOD + b"\n", id="utf8-bom"),
+    pytest.param(HEADER + b"\r\n" + GOOD + b"\r\n", id="crlf"),
+    pytest.param(HEADER + b"\n" + GOOD, id="no-trailing-newline"),
+    pytest.param(HEADER + b"\r\n" + GOOD, id="crlf-no-trailing-newline"),
+    pytest.param(HEADER + b"\n\n" + GOOD + b"\n\n", id="blank-lines"),
+]
+
+
+@pytest.mark.parametrize("content", FORMATS)
+def test_file_format_variants_parse(tmp_path: Path, content: bytes) -> None:
+    rows = parse(tmp_path, content)
+
+    assert len(rows) == 1
+    row = rows[0]
+    assert isinstance(row, ParsedRow)
+    assert row.record.uuid == "GPU-1"
+    assert row.record.hostname == "host-1"
+    assert row.record.value == 42.5
+    assert row.record.labels == {"DCGM_FI_DRIVER_VERSION": "535.129.03", "Hostname": "host-1", "gpu": "0"}
+
+
+def test_columns_found_by_header_name(tmp_path: Path) -> None:
+    content = (
+        b"value,Hostname,uuid,gpu_id,metric_name,timestamp,modelName,device\n"
+        b'"7","host-9","GPU-9","3","DCGM_FI_DEV_GPU_TEMP","2025-07-18T20:42:35Z","H100","nvidia3"\n'
+    )
+    rows = parse(tmp_path, content)
+
+    assert len(rows) == 1
+    row = rows[0]
+    assert isinstance(row, ParsedRow)
+    assert row.record.hostname == "host-9"
+    assert row.record.gpu_index == 3
+    assert row.record.value == 7.0
+    assert row.record.labels == {}
+    assert row.record.container is None
+
+
+def test_quoted_commas_quotes_and_newlines(tmp_path: Path) -> None:
+    labels = b'"job=""a,b"",note=""say \\""hi\\"""",multi=""x\ny"""'
+    rows = parse(tmp_path, HEADER + b"\n" + record(container=b'"box, ""one"""', labels=labels) + b"\n" + GOOD)
+
+    assert len(rows) == 2
+    first = rows[0]
+    assert isinstance(first, ParsedRow)
+    assert first.record.container == 'box, "one"'
+    assert first.record.labels == {"job": "a,b", "note": 'say "hi"', "multi": "x\ny"}
+    assert rows[1].line == 4  # the quoted newline makes the first record span lines 2 and 3
+
+
+def test_record_fields_and_stamp(tmp_path: Path) -> None:
+    row = parse(tmp_path, HEADER + b"\n" + GOOD)[0]
+    assert isinstance(row, ParsedRow)
+    processed = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+
+    body = row.stamp(processed_at=processed, key="k1").to_body()
+
+    assert body["timestamp"] == "2026-01-02T03:04:05.000006Z"
+    assert body["source_timestamp"] == "2025-07-18T20:42:34.000000Z"
+    assert body["key"] == "k1"
+    assert body["gpu_index"] == 0
+    assert body["device"] == "nvidia0"
+    assert body["model_name"] == "NVIDIA H100 80GB HBM3"
+    assert body["metric_name"] == "DCGM_FI_DEV_GPU_UTIL"
+    assert body["container"] is None
+    assert body["pod"] is None
+    assert body["namespace"] is None
+
+
+LABEL_CASES = [
+    pytest.param("", {}, id="empty"),
+    pytest.param('a="1"', {"a": "1"}, id="one"),
+    pytest.param('a="1", b="x,y"', {"a": "1", "b": "x,y"}, id="comma-in-value"),
+    pytest.param('a="q\\"q",b="back\\\\slash"', {"a": 'q"q', "b": "back\\slash"}, id="escapes"),
+    pytest.param('__name__="DCGM_FI_DEV_GPU_UTIL"', {"__name__": "DCGM_FI_DEV_GPU_UTIL"}, id="dunder-name"),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), LABEL_CASES)
+def test_parse_labels(raw: str, expected: dict[str, str]) -> None:
+    assert parse_labels(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ['a=1', 'a="1" b="2"', '="x"', 'a="unterminated'],
+    ids=["unquoted", "no-comma", "no-name", "open-quote"],
+)
+def test_parse_labels_rejects(raw: str) -> None:
+    with pytest.raises(ValueError, match="labels_raw is invalid"):
+        parse_labels(raw)
+
+
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(CsvFormatError, match="does not exist"):
+        read_header(tmp_path / "absent.csv")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\n", b"timestamp,metric_name,value\n"],
+    ids=["empty-file", "blank-header", "header-lacks-columns"],
+)
+def test_bad_header_is_an_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "dump.csv"
+    path.write_bytes(content)
+
+    with pytest.raises(CsvFormatError):
+        read_header(path)
+
+
+def test_reading_from_an_offset(tmp_path: Path) -> None:
+    path = tmp_path / "dump.csv"
+    path.write_bytes(HEADER + b"\n" + GOOD + b"\n" + record(gpu_id=b'"1"') + b"\n" + record(gpu_id=b'"2"') + b"\n")
+    header = read_header(path)
+    rows = list(read_rows(path, header))
+
+    second = rows[1]
+
+    middle = list(
+        read_rows(path, header, start_offset=second.start_offset, start_line=second.line, end_offset=second.end_offset)
+    )
+
+    assert len(middle) == 1
+    assert middle[0].line == 3
+    assert isinstance(middle[0], ParsedRow)
+    assert middle[0].record.gpu_index == 1
+
+
+def test_real_csv_parses_completely(real_csv: Path) -> None:
+    rows = list(read_rows(real_csv, read_header(real_csv)))
+    parsed = [row for row in rows if isinstance(row, ParsedRow)]
+
+    assert len(rows) == 2470
+    assert len(parsed) == 2470
+    assert len({row.record.uuid for row in parsed}) == 247
+    assert len({row.record.hostname for row in parsed}) == 31
+    assert len({row.record.metric_name for row in parsed}) == 10
+    assert all(row.record.labels["UUID"] == row.record.uuid for row in parsed)

@@ -1,0 +1,126 @@
+"""Command lines: the sample generator, the streamer's options and its HTTP endpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from streamer.__main__ import DEFAULT_CSV
+from streamer.sample import main as sample_main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_streamer(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streamer", *args],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_sample_cli_is_deterministic(tmp_path: Path) -> None:
+    first, second, other = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"
+    options = ["--hosts", "2", "--gpus-per-host", "3", "--scrapes", "2"]
+
+    assert sample_main([*options, "--seed", "5", "-o", str(first)]) == 0
+    assert sample_main([*options, "--seed", "5", "-o", str(second)]) == 0
+    assert sample_main([*options, "--seed", "6", "-o", str(other)]) == 0
+
+    assert first.read_bytes() == second.read_bytes()
+    assert first.read_bytes() != other.read_bytes()
+    assert len(first.read_bytes().splitlines()) == 1 + 2 * 3 * 10 * 2
+
+
+def test_committed_sample_is_generator_output(tmp_path: Path) -> None:
+    regenerated = tmp_path / "sample.csv"
+
+    assert sample_main(["-o", str(regenerated)]) == 0
+
+    assert regenerated.read_bytes() == DEFAULT_CSV.read_bytes()
+
+
+def test_sample_cli_rejects_zero_hosts(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main(["--hosts", "0"])
+
+    assert exit_info.value.code == 2
+    assert "--hosts must be at least 1" in capsys.readouterr().err
+
+
+def test_streamer_help_names_variables() -> None:
+    result = run_streamer("--help")
+
+    assert result.returncode == 0
+    for variable in ("STREAMER_QUEUE_URLS", "STREAMER_CSV", "STREAMER_INTERVAL_S", "STREAMER_RATE", "STREAMER_PASSES"):
+        assert variable in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--csv", "/nonexistent/dump.csv"], {}, "does not exist"),
+        ([], {"STREAMER_PORT": "abc"}, "STREAMER_PORT='abc' is invalid"),
+        (["--batch-size", "5000"], {}, "batch size must be 1 to 1000"),
+        (["--log-level", "LOUD"], {}, "invalid log level 'LOUD'"),
+    ],
+    ids=["missing-csv", "invalid-variable", "oversized-batch", "invalid-log-level"],
+)
+def test_streamer_start_errors_exit_2(args: list[str], env: dict[str, str], message: str) -> None:
+    result = run_streamer(*args, "--port", "0", "--queue-urls", "http://127.0.0.1:9", **env)
+
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_streamer_endpoints_and_sigterm(queue_server: Any, streamers: Any) -> None:
+    process = streamers(queue_server.url, DEFAULT_CSV, interval=0.2)
+    base = f"http://127.0.0.1:{process.metrics_port()}"
+    deadline = time.monotonic() + 15
+    while httpx.get(f"{base}/readyz", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, process.log_text()
+        time.sleep(0.05)
+    while process.metric("streamer_rows_published_total") < 320:
+        assert time.monotonic() < deadline, process.log_text()
+        time.sleep(0.05)
+
+    health = httpx.get(f"{base}/healthz", timeout=5)
+    metrics = httpx.get(f"{base}/metrics", timeout=5).text
+    process.process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout_s=10)
+
+    assert health.status_code == 200
+    assert 'streamer_rows_rejected_total{reason="invalid_value"} 0.0' in metrics
+    assert "streamer_publish_seconds_bucket" in metrics
+    assert "streamer_schedule_lag_seconds" in metrics
+    assert code == 0
+    assert "streamer stopped" in process.log_text()
+
+
+def test_streamer_with_queue_tokens(start_queue_server: Any, streamers: Any, small_csv: Path) -> None:
+    server = start_queue_server(QUEUE_TOKENS="publish,consume,admin:streamer-secret;consume:reader-secret")
+
+    good = streamers(server.url, small_csv, passes=1, interval=0, queue_token="streamer-secret")
+    wrong = streamers(server.url, small_csv, passes=1, interval=0, queue_token="not-a-token")
+    good_code = good.wait(timeout_s=30)
+    wrong_code = wrong.wait(timeout_s=30)
+    stats = httpx.get(
+        f"{server.url}/v1/queues/telemetry", headers={"authorization": "Bearer reader-secret"}, timeout=5
+    ).json()["stats"]
+
+    assert good_code == 0
+    assert stats["published_total"] == 80
+    assert wrong_code == 2
+    assert "the queue rejected a request" in wrong.log_text()
+    assert "not-a-token" not in wrong.log_text()
