@@ -25,31 +25,49 @@ def database_url_from_env(environ: os._Environ[str] | dict[str, str] | None = No
     return environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(
+    url: str,
+    *,
+    sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
+    create_parent_dir: bool = True,
+    **kwargs: Any,
+) -> Engine:
     """Create an engine; SQLite gets WAL mode, a busy timeout and foreign keys.
 
     A ``postgresql://`` URL is run on psycopg 3. The parent folder of an SQLite
-    file is created if missing.
+    file is created if missing, unless ``create_parent_dir`` is false (readers pass
+    false, so a missing folder fails at connect time). ``sqlite_busy_timeout_ms`` is
+    how long an SQLite statement waits for another writer's lock before it fails
+    with "database is locked".
     """
     parsed = make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
+        if create_parent_dir and parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        kwargs.setdefault("connect_args", {}).setdefault("timeout", SQLITE_BUSY_TIMEOUT_MS / 1000)
+        kwargs.setdefault("connect_args", {}).setdefault("timeout", sqlite_busy_timeout_ms / 1000)
     else:
         kwargs.setdefault("pool_pre_ping", True)
     engine = create_engine(parsed, **kwargs)
     if parsed.get_backend_name() == "sqlite":
-        event.listen(engine, "connect", _configure_sqlite)
+        event.listen(engine, "connect", _sqlite_configurator(sqlite_busy_timeout_ms))
     return engine
 
 
-def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_configurator(busy_timeout_ms: int) -> Any:
+    def configure(dbapi_connection: Any, connection_record: Any) -> None:
+        _configure_sqlite(dbapi_connection, connection_record, busy_timeout_ms=busy_timeout_ms)
+
+    return configure
+
+
+def _configure_sqlite(
+    dbapi_connection: Any, _record: Any, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS
+) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

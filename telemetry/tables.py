@@ -10,7 +10,17 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, ForeignKey, Index, Integer, String
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -83,6 +93,9 @@ class TelemetrySample(SQLModel, table=True):
     __table_args__ = (
         # Serves "one GPU's samples in a time window, ordered by time, then id".
         Index("ix_telemetry_samples_gpu_time", "gpu_uuid", "timestamp", "id"),
+        # Collectors insert with ON CONFLICT DO NOTHING on this key, so a redelivered
+        # message is stored once.
+        UniqueConstraint("idempotency_key", name="uq_telemetry_samples_idempotency_key"),
     )
 
     id: int | None = Field(
@@ -101,7 +114,7 @@ class TelemetrySample(SQLModel, table=True):
     container: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
     pod: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
     namespace: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
-    idempotency_key: str = Field(sa_column=Column(String(255), nullable=False, unique=True))
+    idempotency_key: str = Field(sa_column=Column(String(255), nullable=False))
 
 
 metadata = SQLModel.metadata

@@ -1,0 +1,354 @@
+"""Ingest benchmark: the database's bare bulk insert rate against the collector's rate.
+
+For each database (an SQLite file, and PostgreSQL when ``TEST_POSTGRES_URL`` is
+set) the same rows are written three ways into a freshly migrated schema, with
+the same tables and indexes:
+
+1. ceiling: the driver's bulk path writes the samples alone (``sqlite3``
+   ``executemany``, or PostgreSQL ``COPY`` straight into ``telemetry_samples``),
+   1000 rows per transaction, with the GPUs and (GPU, metric) pairs inserted once
+   beforehand. It is also measured as one transaction for all rows;
+2. ``store_records``: the collector's storage function called directly, batches
+   of 1000 (GPU upserts, metric pairs and the idempotent insert included);
+3. collector: a real ``telemetry-collector`` process drains a real queue server
+   pre-filled with the rows as messages, timed from the moment it logs its health
+   port until the queue has acknowledged every message.
+
+Rows are the real DCGM CSV rows, repeated with distinct idempotency keys and
+timestamps up to ``--rows``. Run with ``make bench-ingest``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import os
+import platform
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import psycopg
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import insert
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from collector.storage import store_records
+from telemetry.database import make_engine
+from telemetry.queue_client import OutgoingMessage, QueueClient
+from telemetry.record import TELEMETRY_QUEUE, TelemetryRecord
+from telemetry.tables import Gpu, GpuMetric
+
+DEFAULT_CSV = ROOT.parent / "shared" / "data" / "dcgm_metrics_20250718_134233.csv"
+BATCH = 1000
+
+
+def build_records(csv_path: Path, total: int) -> list[TelemetryRecord]:
+    """Repeat the CSV's rows with distinct keys and timestamps until ``total`` records."""
+    with csv_path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    records: list[TelemetryRecord] = []
+    for index in range(total):
+        row = rows[index % len(rows)]
+        labels = dict(item.split("=", 1) for item in row["labels_raw"].split(",") if "=" in item)
+        records.append(
+            TelemetryRecord(
+                uuid=row["uuid"],
+                hostname=row["Hostname"],
+                gpu_index=int(row["gpu_id"]),
+                device=row["device"],
+                model_name=row["modelName"],
+                metric_name=row["metric_name"],
+                value=float(row["value"]),
+                labels={key: value.strip('"') for key, value in labels.items()},
+                container=row["container"] or None,
+                pod=row["pod"] or None,
+                namespace=row["namespace"] or None,
+                timestamp=start + timedelta(milliseconds=index),
+                source_timestamp=datetime.fromisoformat(row["timestamp"].replace("Z", "+00:00")),
+                key=f"bench:{index}",
+            )
+        )
+    return records
+
+
+def migrate(url: str) -> None:
+    config = Config(str(ROOT / "migrations" / "alembic.ini"))
+    config.set_main_option("sqlalchemy.url", url)
+    command.downgrade(config, "base")
+    command.upgrade(config, "head")
+
+
+def insert_metadata(url: str, records: Sequence[TelemetryRecord]) -> None:
+    """Insert every GPU and (GPU, metric) pair once, so the ceiling writes samples alone."""
+    gpus: dict[str, dict[str, Any]] = {}
+    for record in records:
+        gpus.setdefault(record.uuid, {
+            "uuid": record.uuid, "hostname": record.hostname, "gpu_index": record.gpu_index,
+            "device": record.device, "model_name": record.model_name,
+            "first_seen": record.timestamp, "last_seen": record.timestamp,
+        })
+    pairs = sorted({(record.uuid, record.metric_name) for record in records})
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(insert(Gpu.__table__), list(gpus.values()))
+        connection.execute(
+            insert(GpuMetric.__table__),
+            [{"gpu_uuid": gpu_uuid, "metric_name": name} for gpu_uuid, name in pairs],
+        )
+    engine.dispose()
+
+
+def sample_tuple(record: TelemetryRecord, *, sqlite_text: bool) -> tuple[Any, ...]:
+    def stamp(moment: datetime | None) -> Any:
+        if moment is None or not sqlite_text:
+            return moment
+        return moment.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+    return (
+        record.uuid,
+        record.metric_name,
+        record.value,
+        stamp(record.timestamp),
+        stamp(record.source_timestamp),
+        orjson.dumps(record.labels).decode(),
+        record.container,
+        record.pod,
+        record.namespace,
+        record.key,
+    )
+
+
+COLUMNS = (
+    'gpu_uuid, metric_name, value, "timestamp", source_timestamp, labels, '
+    "container, pod, namespace, idempotency_key"
+)
+
+
+def ceiling_sqlite(path: Path, records: Sequence[TelemetryRecord], batch: int) -> float:
+    rows = [sample_tuple(record, sqlite_text=True) for record in records]
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    sql = f"INSERT INTO telemetry_samples ({COLUMNS}) VALUES ({', '.join('?' * 10)})"
+    started = time.perf_counter()
+    for offset in range(0, len(rows), batch):
+        connection.execute("BEGIN")
+        connection.executemany(sql, rows[offset : offset + batch])
+        connection.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    connection.close()
+    return len(rows) / elapsed
+
+
+def ceiling_postgres(url: str, records: Sequence[TelemetryRecord], batch: int) -> float:
+    rows = [sample_tuple(record, sqlite_text=False) for record in records]
+    with psycopg.connect(url) as connection:
+        started = time.perf_counter()
+        for offset in range(0, len(rows), batch):
+            with connection.cursor() as cursor:
+                with cursor.copy(f"COPY telemetry_samples ({COLUMNS}) FROM STDIN") as copy:
+                    for row in rows[offset : offset + batch]:
+                        copy.write_row(row)
+            connection.commit()
+        elapsed = time.perf_counter() - started
+    return len(rows) / elapsed
+
+
+def store_rate(url: str, records: Sequence[TelemetryRecord]) -> float:
+    engine = make_engine(url)
+    started = time.perf_counter()
+    for offset in range(0, len(records), BATCH):
+        store_records(engine, records[offset : offset + BATCH])
+    elapsed = time.perf_counter() - started
+    engine.dispose()
+    return len(records) / elapsed
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def queue_server(work_dir: Path, fsync: str) -> Iterator[str]:
+    port = free_port()
+    log = (work_dir / "queue.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "queue_server", "--port", str(port), "--fsync", fsync,
+         "--data-dir", str(work_dir / f"queue-{uuid.uuid4().hex[:8]}")],
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(f"{url}/readyz"), 30)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        log.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout_s} s")
+        time.sleep(interval_s)
+
+
+async def prefill(url: str, records: Sequence[TelemetryRecord]) -> None:
+    async with QueueClient(url) as queue:
+        await queue.create_queue(TELEMETRY_QUEUE, visibility_timeout_s=120)
+        for offset in range(0, len(records), BATCH):
+            chunk = records[offset : offset + BATCH]
+            await queue.publish(
+                TELEMETRY_QUEUE,
+                [OutgoingMessage(body=record.to_body(), key=record.key) for record in chunk],
+            )
+
+
+def acked_total(url: str) -> int:
+    response = httpx.get(f"{url}/v1/queues/{TELEMETRY_QUEUE}", timeout=5)
+    return int(response.json()["stats"]["acked_total"])
+
+
+def collector_rate(database_url: str, records: Sequence[TelemetryRecord], work_dir: Path, fsync: str) -> float:
+    with queue_server(work_dir, fsync) as url:
+        asyncio.run(prefill(url, records))
+        log_path = work_dir / "collector.log"
+        env = {**os.environ, "COLLECTOR_QUEUE_URLS": url, "DATABASE_URL": database_url,
+               "COLLECTOR_PORT": "0", "COLLECTOR_WAIT_S": "1"}
+        with log_path.open("wb") as log:
+            process = subprocess.Popen([sys.executable, "-m", "collector"], stdout=log,
+                                       stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        try:
+            # The clock starts once the process has imported its modules and
+            # logged its health port, so interpreter start-up is not counted.
+            wait_until(lambda: "endpoints on" in log_path.read_text(), 60, interval_s=0.01)
+            started = time.perf_counter()
+            wait_until(lambda: acked_total(url) >= len(records), 1800, interval_s=0.1)
+            elapsed = time.perf_counter() - started
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+    return len(records) / elapsed
+
+
+def run_database(name: str, url: str, records: Sequence[TelemetryRecord], work_dir: Path,
+                 fsync: str, sqlite_path: Path | None) -> dict[str, float]:
+    results: dict[str, float] = {}
+
+    migrate(url)
+    insert_metadata(url, records)
+    if sqlite_path is not None:
+        results["ceiling"] = ceiling_sqlite(sqlite_path, records, BATCH)
+    else:
+        results["ceiling"] = ceiling_postgres(_libpq(url), records, BATCH)
+
+    migrate(url)
+    insert_metadata(url, records)
+    if sqlite_path is not None:
+        results["ceiling_one_transaction"] = ceiling_sqlite(sqlite_path, records, len(records))
+    else:
+        results["ceiling_one_transaction"] = ceiling_postgres(_libpq(url), records, len(records))
+
+    migrate(url)
+    results["store_records"] = store_rate(url, records)
+
+    migrate(url)
+    results["collector"] = collector_rate(url, records, work_dir, fsync)
+    print(f"{name}: " + ", ".join(f"{key} {value:,.0f} rows/s" for key, value in results.items()),
+          flush=True)
+    return results
+
+
+def _libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def machine() -> str:
+    def run(command: str) -> str:
+        return subprocess.run(command, shell=True, capture_output=True, text=True).stdout.strip()
+
+    return "\n".join([
+        f"nproc: {run('nproc')}",
+        run("lscpu | head -n 15"),
+        run("free -h"),
+        f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}",
+    ])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=200_000, help="rows per measurement")
+    parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="DCGM CSV to repeat")
+    parser.add_argument("--queue-fsync", default="always", choices=["always", "interval", "never"],
+                        help="fsync mode of the benchmark's queue server (default %(default)s)")
+    parser.add_argument("--postgres-url", default=os.environ.get("TEST_POSTGRES_URL", ""),
+                        help="PostgreSQL server to create a scratch database in (TEST_POSTGRES_URL)")
+    args = parser.parse_args(argv)
+
+    records = build_records(args.csv, args.rows)
+    print(machine(), flush=True)
+    print(f"\n{len(records):,} rows, batches of {BATCH}, queue fsync {args.queue_fsync}\n", flush=True)
+    table: list[tuple[str, dict[str, float]]] = []
+
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as temp:
+        work_dir = Path(temp)
+        sqlite_path = work_dir / "telemetry.db"
+        table.append(("SQLite (WAL)", run_database(
+            "SQLite", f"sqlite:///{sqlite_path}", records, work_dir, args.queue_fsync, sqlite_path)))
+
+        if args.postgres_url:
+            database = f"bench_ingest_{uuid.uuid4().hex[:8]}"
+            with psycopg.connect(args.postgres_url, autocommit=True) as admin:
+                admin.execute(f'CREATE DATABASE "{database}"')
+            try:
+                base = args.postgres_url.rsplit("/", 1)[0]
+                table.append(("PostgreSQL", run_database(
+                    "PostgreSQL", f"{base}/{database}", records, work_dir, args.queue_fsync, None)))
+            finally:
+                with psycopg.connect(args.postgres_url, autocommit=True) as admin:
+                    admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        else:
+            print("TEST_POSTGRES_URL is not set: PostgreSQL skipped", flush=True)
+
+    print("\n| database | ceiling (rows/s, 1000 per tx) | ceiling, one tx | store_records | collector | collector / ceiling | store_records / ceiling |")
+    print("|---|---|---|---|---|---|---|")
+    for name, result in table:
+        print(
+            f"| {name} | {result['ceiling']:,.0f} | {result['ceiling_one_transaction']:,.0f} | "
+            f"{result['store_records']:,.0f} | {result['collector']:,.0f} | "
+            f"{result['collector'] / result['ceiling']:.0%} | {result['store_records'] / result['ceiling']:.0%} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

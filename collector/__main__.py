@@ -1,0 +1,187 @@
+"""Entry point of ``telemetry-collector``: settings, logging, signals, the event loop.
+
+Every flag has an environment variable (``COLLECTOR_*`` and ``DATABASE_URL``) that
+sets its default; a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from sqlalchemy.engine import make_url
+
+from collector.http import HealthServer
+from collector.worker import Collector, CollectorConfig
+from telemetry.database import DEFAULT_DATABASE_URL, make_engine
+from telemetry.queue_client import QueueClient
+from telemetry.record import TELEMETRY_QUEUE
+from telemetry.settings import SettingsError, env_bool, env_float, env_int, env_str
+
+logger = logging.getLogger("collector")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser. Its defaults come from the environment, read at this call."""
+    parser = argparse.ArgumentParser(
+        prog="telemetry-collector",
+        description="Lease telemetry records from the queue and store them in the database, "
+        "idempotently, in batches of one transaction each.",
+    )
+    parser.add_argument(
+        "--queue-urls",
+        default=env_str("COLLECTOR_QUEUE_URLS", "http://127.0.0.1:8500"),
+        help="comma-separated queue node URLs (COLLECTOR_QUEUE_URLS, default %(default)s)",
+    )
+    parser.add_argument(
+        "--queue-token",
+        default=env_str("COLLECTOR_QUEUE_TOKEN", ""),
+        help="bearer token with the consume scope (COLLECTOR_QUEUE_TOKEN, default none)",
+    )
+    parser.add_argument(
+        "--queue-http2",
+        action=argparse.BooleanOptionalAction,
+        default=env_bool("COLLECTOR_QUEUE_HTTP2", True),
+        help="speak HTTP/2 to the queue, cleartext with prior knowledge on http:// "
+        "(COLLECTOR_QUEUE_HTTP2, default %(default)s)",
+    )
+    parser.add_argument(
+        "--queue",
+        default=env_str("COLLECTOR_QUEUE", TELEMETRY_QUEUE),
+        help="queue to collect from, created if missing (COLLECTOR_QUEUE, default %(default)s)",
+    )
+    parser.add_argument(
+        "--database-url",
+        default=env_str("DATABASE_URL", DEFAULT_DATABASE_URL),
+        help="SQLAlchemy URL of the telemetry database (DATABASE_URL, default %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=env_int("COLLECTOR_BATCH_SIZE", 1000),
+        help="maximum messages per lease and per transaction, 1 to 1000 "
+        "(COLLECTOR_BATCH_SIZE, default %(default)s)",
+    )
+    parser.add_argument(
+        "--wait-s",
+        type=float,
+        default=env_float("COLLECTOR_WAIT_S", 20.0),
+        help="long-poll wait per lease request in seconds, 0 to 20 "
+        "(COLLECTOR_WAIT_S, default %(default)s)",
+    )
+    parser.add_argument(
+        "--visibility-timeout-s",
+        type=float,
+        default=env_float("COLLECTOR_VISIBILITY_TIMEOUT_S", 60.0),
+        help="lease duration in seconds; leases in hand are extended before they expire "
+        "(COLLECTOR_VISIBILITY_TIMEOUT_S, default %(default)s)",
+    )
+    parser.add_argument(
+        "--stop-timeout-s",
+        type=float,
+        default=env_float("COLLECTOR_STOP_TIMEOUT_S", 30.0),
+        help="on SIGTERM, how long to keep retrying a failing database before the batches "
+        "in hand go back to the queue, in seconds (COLLECTOR_STOP_TIMEOUT_S, default %(default)s)",
+    )
+    parser.add_argument(
+        "--host",
+        default=env_str("COLLECTOR_HOST", "127.0.0.1"),
+        help="bind address of the health and metrics endpoints (COLLECTOR_HOST, default %(default)s)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=env_int("COLLECTOR_PORT", 9102),
+        help="port of the health and metrics endpoints, 0 picks a free port "
+        "(COLLECTOR_PORT, default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=env_str("COLLECTOR_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="log level (COLLECTOR_LOG_LEVEL, default %(default)s)",
+    )
+    return parser
+
+
+async def serve(args: argparse.Namespace, config: CollectorConfig) -> None:
+    """Run the collector and its health server until SIGTERM or SIGINT."""
+    engine = make_engine(args.database_url)
+    queue = QueueClient(
+        args.queue_urls,
+        token=args.queue_token or None,
+        http2=args.queue_http2,
+        timeout_s=30.0,
+    )
+    collector = Collector(queue, engine, config=config)
+    try:
+        health = HealthServer(collector, host=args.host, port=args.port)
+    except OSError as exc:
+        await queue.aclose()
+        engine.dispose()
+        raise SystemExit(
+            f"telemetry-collector: cannot listen on {args.host}:{args.port} ({exc}); "
+            "set COLLECTOR_PORT to a free port, or 0 for any free port"
+        ) from exc
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _on_signal, collector, signum)
+
+    health_task = asyncio.create_task(health.serve(), name="collector-health")
+    try:
+        await collector.run()
+    finally:
+        health.stop()
+        await health_task
+        await queue.aclose()
+        engine.dispose()
+
+
+def _on_signal(collector: Collector, signum: int) -> None:
+    logger.info("received %s", signal.Signals(signum).name)
+    collector.request_stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the settings, configure logging and run the collector. Return the exit status."""
+    try:
+        parser = build_parser()
+    except SettingsError as exc:
+        print(f"telemetry-collector: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+
+    try:
+        config = CollectorConfig(
+            queue=args.queue,
+            batch_size=args.batch_size,
+            wait_s=args.wait_s,
+            visibility_timeout_s=args.visibility_timeout_s,
+            stop_timeout_s=args.stop_timeout_s,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    # httpx logs every request at INFO: thousands of lines a minute here.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logger.info(
+        "starting: queue %r at %s, database %s",
+        args.queue,
+        args.queue_urls,
+        make_url(args.database_url).render_as_string(hide_password=True),
+    )
+    asyncio.run(serve(args, config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

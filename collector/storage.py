@@ -1,0 +1,316 @@
+"""Idempotent bulk storage of telemetry records, shared by every way records arrive.
+
+``store_records`` writes one batch in one transaction:
+
+1. upserts each GPU of the batch (``first_seen`` and ``last_seen`` only widen, and
+   the descriptive columns follow the newest sample);
+2. inserts each (GPU, metric name) pair into ``gpu_metrics`` unless present;
+3. inserts the samples with ``ON CONFLICT (idempotency_key) DO NOTHING``, so a
+   redelivered message is stored once and counted as a duplicate.
+
+Samples take the driver's bulk path: one ``executemany`` of a prepared statement on
+SQLite, and on PostgreSQL a ``COPY`` into a temporary table followed by one
+``INSERT ... SELECT ... ON CONFLICT DO NOTHING``. Rows are written in key order
+(GPUs by uuid, samples by idempotency key), so concurrent writers on PostgreSQL
+take row locks in the same order and do not deadlock each other.
+
+The function is synchronous; async callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import psycopg
+from sqlalchemy import Table, case, column, select, table
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from telemetry.record import TelemetryRecord
+from telemetry.tables import Gpu, GpuMetric, TelemetrySample
+
+__all__ = ["StoreResult", "store_records"]
+
+GPUS: Table = Gpu.__table__  # type: ignore[attr-defined]
+GPU_METRICS: Table = GpuMetric.__table__  # type: ignore[attr-defined]
+SAMPLES: Table = TelemetrySample.__table__  # type: ignore[attr-defined]
+
+#: Sample columns written by the collector, in the order of the bulk rows.
+SAMPLE_COLUMNS = (
+    "gpu_uuid",
+    "metric_name",
+    "value",
+    "timestamp",
+    "source_timestamp",
+    "labels",
+    "container",
+    "pod",
+    "namespace",
+    "idempotency_key",
+)
+
+#: Session-local staging table for PostgreSQL COPY, emptied at every commit.
+STAGING_TABLE = "incoming_telemetry_samples"
+
+_STAGING = table(STAGING_TABLE, *(column(name) for name in SAMPLE_COLUMNS))
+
+_POSTGRES_CREATE_STAGING = (
+    f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE} "
+    "(gpu_uuid varchar(128), metric_name varchar(128), value double precision, "
+    '"timestamp" timestamptz, source_timestamp timestamptz, labels json, '
+    "container varchar(255), pod varchar(255), namespace varchar(255), "
+    "idempotency_key varchar(255)) ON COMMIT DELETE ROWS"
+)
+_POSTGRES_COPY = (
+    f"COPY {STAGING_TABLE} ("
+    + ", ".join(f'"{name}"' if name == "timestamp" else name for name in SAMPLE_COLUMNS)
+    + ") FROM STDIN"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    """Outcome of one ``store_records`` call.
+
+    ``stored`` samples were new; ``duplicates`` had an idempotency key that was
+    already in the database (or earlier in the same batch) and were skipped.
+    """
+
+    stored: int
+    duplicates: int
+
+
+def store_records(engine: Engine, records: Sequence[TelemetryRecord]) -> StoreResult:
+    """Store a batch of records in one transaction, ignoring already stored keys.
+
+    Either the whole batch is committed or nothing is. Database errors propagate as
+    SQLAlchemy exceptions (``OperationalError`` when the database is unreachable or
+    locked, ``DataError`` or ``IntegrityError`` when it rejects a value), so the
+    caller decides whether to retry.
+    """
+    if not records:
+        return StoreResult(stored=0, duplicates=0)
+
+    ordered = sorted(records, key=_record_key)
+    gpus = _gpu_rows(ordered)
+    with engine.begin() as connection:
+        dialect_name = connection.dialect.name
+        if dialect_name == "postgresql":
+            stored = _store_postgres(connection, gpus, ordered)
+        elif dialect_name == "sqlite":
+            stored = _store_sqlite(connection, gpus, ordered)
+        else:
+            raise ValueError(
+                f"unsupported database dialect {dialect_name!r}: expected sqlite or postgresql"
+            )
+    return StoreResult(stored=stored, duplicates=len(records) - stored)
+
+
+def _gpu_rows(records: Sequence[TelemetryRecord]) -> list[dict[str, Any]]:
+    """Return one row per GPU: the newest record's fields and the batch's time range."""
+    newest: dict[str, TelemetryRecord] = {}
+    first_seen: dict[str, datetime] = {}
+    for record in records:
+        current = newest.get(record.uuid)
+        if current is None or record.timestamp >= current.timestamp:
+            newest[record.uuid] = record
+        earliest = first_seen.get(record.uuid)
+        if earliest is None or record.timestamp < earliest:
+            first_seen[record.uuid] = record.timestamp
+
+    return [
+        {
+            "uuid": uuid,
+            "hostname": newest[uuid].hostname,
+            "gpu_index": newest[uuid].gpu_index,
+            "device": newest[uuid].device,
+            "model_name": newest[uuid].model_name,
+            "first_seen": first_seen[uuid],
+            "last_seen": newest[uuid].timestamp,
+        }
+        for uuid in sorted(newest)
+    ]
+
+
+def _gpu_upsert(insert: Any) -> Any:
+    """Complete a dialect's ``INSERT INTO gpus`` into the upsert that widens the seen range."""
+    incoming = insert.excluded
+    is_newer = incoming.last_seen >= GPUS.c.last_seen
+    return insert.on_conflict_do_update(
+        index_elements=[GPUS.c.uuid],
+        set_={
+            "hostname": case((is_newer, incoming.hostname), else_=GPUS.c.hostname),
+            "gpu_index": case((is_newer, incoming.gpu_index), else_=GPUS.c.gpu_index),
+            "device": case((is_newer, incoming.device), else_=GPUS.c.device),
+            "model_name": case((is_newer, incoming.model_name), else_=GPUS.c.model_name),
+            "first_seen": case(
+                (incoming.first_seen < GPUS.c.first_seen, incoming.first_seen),
+                else_=GPUS.c.first_seen,
+            ),
+            "last_seen": case((is_newer, incoming.last_seen), else_=GPUS.c.last_seen),
+        },
+    )
+
+
+# SQLite: the Core statements are compiled once to plain SQL with positional
+# parameters and run with the driver's executemany on tuples. That skips
+# SQLAlchemy's per-row parameter processing, which costs more than the inserts.
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledInsert:
+    sql: str
+    columns: tuple[str, ...]
+
+
+def _compile_sqlite(statement: Any, columns: Sequence[str]) -> _CompiledInsert:
+    compiled = statement.compile(
+        dialect=sqlite.dialect(paramstyle="qmark"), column_keys=list(columns)
+    )
+    return _CompiledInsert(sql=compiled.string, columns=tuple(compiled.positiontup or ()))
+
+
+@functools.cache
+def _sqlite_statements() -> tuple[_CompiledInsert, _CompiledInsert, _CompiledInsert]:
+    gpu_columns = [column.name for column in GPUS.columns]
+    gpus = _compile_sqlite(_gpu_upsert(sqlite.insert(GPUS)), gpu_columns)
+    metrics = _compile_sqlite(
+        sqlite.insert(GPU_METRICS).on_conflict_do_nothing(), ["gpu_uuid", "metric_name"]
+    )
+    samples = _compile_sqlite(
+        sqlite.insert(SAMPLES).on_conflict_do_nothing(index_elements=["idempotency_key"]),
+        SAMPLE_COLUMNS,
+    )
+    if samples.columns != SAMPLE_COLUMNS or metrics.columns != ("gpu_uuid", "metric_name"):
+        raise RuntimeError(f"unexpected parameter order in {samples.sql!r} or {metrics.sql!r}")
+    return gpus, metrics, samples
+
+
+def _store_sqlite(
+    connection: Connection, gpus: list[dict[str, Any]], records: Sequence[TelemetryRecord]
+) -> int:
+    gpu_upsert, metric_insert, sample_insert = _sqlite_statements()
+
+    for row in gpus:
+        row["first_seen"] = _sqlite_timestamp(row["first_seen"])
+        row["last_seen"] = _sqlite_timestamp(row["last_seen"])
+    connection.exec_driver_sql(
+        gpu_upsert.sql, [tuple(row[name] for name in gpu_upsert.columns) for row in gpus]
+    )
+
+    pairs = sorted({(record.uuid, record.metric_name) for record in records})
+    connection.exec_driver_sql(metric_insert.sql, pairs)
+
+    rows = [
+        (
+            record.uuid,
+            record.metric_name,
+            record.value,
+            _sqlite_timestamp(record.timestamp),
+            _sqlite_timestamp(record.source_timestamp),
+            orjson.dumps(record.labels).decode(),
+            record.container,
+            record.pod,
+            record.namespace,
+            record.key,
+        )
+        for record in records
+    ]
+    result = connection.exec_driver_sql(sample_insert.sql, rows)
+    return int(result.rowcount)
+
+
+# PostgreSQL: samples are copied into a session-local staging table, then moved
+# with one INSERT ... SELECT ... ON CONFLICT DO NOTHING, which also derives the
+# batch's (GPU, metric name) pairs.
+
+_POSTGRES_GPU_UPSERT = _gpu_upsert(postgresql.insert(GPUS))
+_POSTGRES_METRIC_INSERT = (
+    postgresql.insert(GPU_METRICS)
+    .from_select(
+        ["gpu_uuid", "metric_name"],
+        select(_STAGING.c.gpu_uuid, _STAGING.c.metric_name)
+        .distinct()
+        .order_by(_STAGING.c.gpu_uuid, _STAGING.c.metric_name),
+    )
+    .on_conflict_do_nothing()
+)
+_POSTGRES_SAMPLE_INSERT = (
+    postgresql.insert(SAMPLES)
+    .from_select(
+        list(SAMPLE_COLUMNS),
+        select(*(_STAGING.c[name] for name in SAMPLE_COLUMNS)).order_by(
+            _STAGING.c.idempotency_key
+        ),
+    )
+    .on_conflict_do_nothing(index_elements=["idempotency_key"])
+    .execution_options(preserve_rowcount=True)
+)
+
+
+def _store_postgres(
+    connection: Connection, gpus: list[dict[str, Any]], records: Sequence[TelemetryRecord]
+) -> int:
+    connection.execute(_POSTGRES_GPU_UPSERT, gpus)
+
+    # Created in every transaction (a no-op once it exists), because a rolled-back
+    # transaction also rolls back the creation of the session's temporary table.
+    connection.exec_driver_sql(_POSTGRES_CREATE_STAGING)
+    _copy_to_staging(connection, records)
+
+    connection.execute(_POSTGRES_METRIC_INSERT)
+    result = connection.execute(_POSTGRES_SAMPLE_INSERT)
+    return int(result.rowcount)
+
+
+def _copy_to_staging(connection: Connection, records: Sequence[TelemetryRecord]) -> None:
+    # COPY has no SQLAlchemy API, so this talks to psycopg directly and translates
+    # its errors into SQLAlchemy's, as the other statements raise. The staging
+    # table is emptied at commit (ON COMMIT DELETE ROWS) and a rollback discards
+    # the copied rows too, so nothing carries over to the next batch.
+    driver_connection: Any = connection.connection.driver_connection
+    try:
+        with driver_connection.cursor() as cursor:
+            with cursor.copy(_POSTGRES_COPY) as copy:
+                for record in records:
+                    copy.write_row(
+                        (
+                            record.uuid,
+                            record.metric_name,
+                            record.value,
+                            record.timestamp,
+                            record.source_timestamp,
+                            orjson.dumps(record.labels).decode(),
+                            record.container,
+                            record.pod,
+                            record.namespace,
+                            record.key,
+                        )
+                    )
+    except psycopg.Error as exc:
+        broken = bool(driver_connection.broken)
+        if broken:
+            connection.invalidate(exc)
+        raise DBAPIError.instance(
+            _POSTGRES_COPY, None, exc, psycopg.Error, connection_invalidated=broken
+        ) from exc
+
+
+def _record_key(record: TelemetryRecord) -> str:
+    return record.key
+
+
+def _sqlite_timestamp(moment: datetime | None) -> str | None:
+    # The text form SQLAlchemy's SQLite DateTime type writes and reads: naive UTC,
+    # fixed width, so text order is time order.
+    if moment is None:
+        return None
+    if moment.utcoffset():
+        moment = moment.astimezone(UTC)
+    return moment.replace(tzinfo=None).isoformat(" ", "microseconds")

@@ -1,0 +1,167 @@
+"""Fixtures of the collector tests: migrated databases and real records."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import Engine
+
+from telemetry.database import make_engine
+from telemetry.record import TelemetryRecord
+
+ALEMBIC_INI = Path(__file__).resolve().parents[2] / "migrations" / "alembic.ini"
+
+
+def _alembic_config(url: str) -> Config:
+    config = Config(str(ALEMBIC_INI))
+    config.set_main_option("sqlalchemy.url", url)
+    return config
+
+
+@pytest.fixture(scope="session")
+def alembic_config() -> Callable[[str], Config]:
+    """Return a function that builds the project's Alembic configuration for a URL."""
+    return _alembic_config
+
+
+@pytest.fixture
+def migrated_url(database_url: str) -> str:
+    """An SQLite and a PostgreSQL database upgraded to the newest migration."""
+    command.upgrade(_alembic_config(database_url), "head")
+    return database_url
+
+
+@pytest.fixture
+def engine(migrated_url: str) -> Iterator[Engine]:
+    engine = make_engine(migrated_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _records_from_csv(path: Path, *, run: str = "test", start: datetime | None = None) -> list[TelemetryRecord]:
+    """Build one record per CSV row, with idempotency keys ``run:line``."""
+    start = start or datetime(2026, 1, 1, tzinfo=UTC)
+    records = []
+    with path.open(newline="") as handle:
+        for line, row in enumerate(csv.DictReader(handle), start=2):
+            labels = dict(
+                item.split("=", 1) for item in row["labels_raw"].split(",") if "=" in item
+            )
+            records.append(
+                TelemetryRecord(
+                    uuid=row["uuid"],
+                    hostname=row["Hostname"],
+                    gpu_index=int(row["gpu_id"]),
+                    device=row["device"],
+                    model_name=row["modelName"],
+                    metric_name=row["metric_name"],
+                    value=float(row["value"]),
+                    labels={key: value.strip('"') for key, value in labels.items()},
+                    container=row["container"] or None,
+                    pod=row["pod"] or None,
+                    namespace=row["namespace"] or None,
+                    timestamp=start + timedelta(microseconds=line),
+                    source_timestamp=datetime.fromisoformat(row["timestamp"].replace("Z", "+00:00")),
+                    key=f"{run}:{line}",
+                )
+            )
+    return records
+
+
+@pytest.fixture(scope="session")
+def real_records(real_csv: Path) -> list[TelemetryRecord]:
+    """The 2,470 rows of the real DCGM CSV as telemetry records."""
+    return _records_from_csv(real_csv)
+
+
+@pytest.fixture(scope="session")
+def records_from_csv() -> Callable[..., list[TelemetryRecord]]:
+    """Return a function that builds records from a CSV with keys ``run:line``."""
+    return _records_from_csv
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def queue_url(start_queue_server: Callable[..., Any]) -> str:
+    """URL of a real queue server process with its own data directory.
+
+    The queue's own durability is not under test here, so it skips fsync.
+    """
+    return str(start_queue_server(QUEUE_FSYNC="never").url)
+
+
+class TemporaryPostgres:
+    """A throw-away PostgreSQL cluster of the test's own, to stop and start at will."""
+
+    def __init__(self, bin_dir: Path, base_dir: Path, port: int) -> None:
+        self.bin_dir = bin_dir
+        self.data_dir = base_dir / "data"
+        self.log_file = base_dir / "postgres.log"
+        self.socket_dir = base_dir
+        self.port = port
+        self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        command = [str(self.bin_dir / args[0]), *args[1:]]
+        if os.geteuid() == 0:
+            # The PostgreSQL server does not start as root.
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+    def init(self) -> None:
+        self._run("initdb", "-D", str(self.data_dir), "-A", "trust", "-U", "postgres")
+
+    def start(self) -> None:
+        options = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.port} "
+            f"-k {self.socket_dir} -c fsync=off"
+        )
+        self._run(
+            "pg_ctl", "-D", str(self.data_dir), "-l", str(self.log_file), "-w", "-o", options, "start"
+        )
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "stop")
+
+
+@pytest.fixture
+def temporary_postgres() -> Iterator[TemporaryPostgres]:
+    """A running PostgreSQL cluster on a free loopback port, removed after the test."""
+    bin_dirs = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not bin_dirs:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL server binaries (initdb) not found under /usr/lib/postgresql")
+        pytest.skip("PostgreSQL server binaries (initdb) not found under /usr/lib/postgresql")
+    base_dir = Path(tempfile.mkdtemp(prefix="collector-postgres-"))
+    if os.geteuid() == 0:
+        shutil.chown(base_dir, user="postgres")
+    cluster = TemporaryPostgres(bin_dirs[-1].parent, base_dir, _free_port())
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        try:
+            cluster.stop()
+        except subprocess.CalledProcessError:
+            pass  # Already stopped by the test.
+        shutil.rmtree(base_dir, ignore_errors=True)
