@@ -36,6 +36,7 @@ from api.database import get_engine
 from api.gpus import gpu_not_found
 from api.queries import fetch_telemetry_page, gpu_exists, telemetry_page_statement
 from api.schemas import API_ERROR_RESPONSES, TelemetryPageSchema, TelemetryQuery
+from api.timestamps import format_rfc3339
 
 __all__ = ["telemetry_blueprint"]
 
@@ -118,8 +119,15 @@ _ITEM_FIELDS = ("id", "timestamp", "metric_name", "value", "labels", "source_tim
 def _page_response(rows: Sequence[Row[Any]], next_cursor: str | None) -> Response:
     # Built by hand rather than through TelemetryPageSchema, because marshmallow
     # takes longer than the query itself for a page of 1000 samples. orjson
-    # writes the aware UTC datetimes in the same RFC 3339 form as
-    # api.timestamps.format_rfc3339.
-    items = [dict(zip(_ITEM_FIELDS, row)) for row in rows]
+    # writes aware UTC datetimes as format_rfc3339 does, except that it drops a
+    # zero fraction, so only those rare times are formatted here.
+    items = []
+    for row in rows:
+        item = dict(zip(_ITEM_FIELDS, row))
+        for name in ("timestamp", "source_timestamp"):
+            moment = item[name]
+            if moment is not None and moment.microsecond == 0:
+                item[name] = format_rfc3339(moment)
+        items.append(item)
     body = orjson.dumps({"items": items, "next_cursor": next_cursor}, option=orjson.OPT_UTC_Z)
     return Response(body, content_type="application/json")

@@ -78,12 +78,13 @@ def parse_rfc3339(text: str, rounding: Rounding = Rounding.DOWN) -> datetime:
 
 
 def format_rfc3339(moment: datetime) -> str:
-    """Format an aware datetime as RFC 3339 UTC, e.g. ``2025-07-18T20:42:34.5Z`` is written
-    ``2025-07-18T20:42:34.500000Z``; the fraction is left out when it is zero.
+    """Format an aware datetime as RFC 3339 UTC with six fraction digits, e.g.
+    ``2025-07-18T20:42:34.500000Z``, so that the strings sort in time order.
 
-    This is the form orjson writes for aware UTC datetimes with ``OPT_UTC_Z``.
+    orjson writes the same form with ``OPT_UTC_Z``, except that it leaves the
+    fraction out when it is zero.
     """
-    return moment.astimezone(UTC).isoformat()[:-6] + "Z"
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _parse_offset(offset: str) -> timezone:

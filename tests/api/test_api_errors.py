@@ -42,7 +42,7 @@ def assert_problem(response, status: int, *fragments: str) -> None:  # type: ign
         ("end_time=2025-07-18T20:00:00%2B24:00", ["end_time='2025-07-18T20:00:00+24:00'"]),
         (
             "start_time=2025-07-18T20:00:10Z&end_time=2025-07-18T20:00:00Z",
-            ["start_time '2025-07-18T20:00:10Z' is after end_time '2025-07-18T20:00:00Z'"],
+            ["start_time '2025-07-18T20:00:10.000000Z' is after end_time '2025-07-18T20:00:00.000000Z'"],
         ),
         ("limit=0", ["limit='0'", "from 1 to 10000"]),
         ("limit=10001", ["limit='10001'"]),

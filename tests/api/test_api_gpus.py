@@ -40,8 +40,8 @@ def test_gpu_list_fields_and_order(client: FlaskClient, store: Store) -> None:
         "gpu_index": 0,
         "device": "nvidia0",
         "model_name": "NVIDIA H100 80GB HBM3",
-        "first_seen": "2025-07-18T20:00:01Z",
-        "last_seen": "2025-07-18T20:00:09Z",
+        "first_seen": "2025-07-18T20:00:01.000000Z",
+        "last_seen": "2025-07-18T20:00:09.000000Z",
         "metric_names": sorted([METRICS[0], METRICS[1]]),
     }
 
@@ -75,8 +75,8 @@ def test_gpu_get_one(client: FlaskClient, store: Store) -> None:
     body = response.get_json()
     assert body["id"] == GPU_UUID
     assert body["metric_names"] == sorted(METRICS)
-    assert body["first_seen"] == "2025-07-18T20:00:00Z"
-    assert body["last_seen"] == "2025-07-18T20:00:02Z"
+    assert body["first_seen"] == "2025-07-18T20:00:00.000000Z"
+    assert body["last_seen"] == "2025-07-18T20:00:02.000000Z"
 
 
 def test_gpu_get_unknown_404(client: FlaskClient, store: Store) -> None:

@@ -57,10 +57,10 @@ def test_telemetry_ordered_by_time_then_id(client: FlaskClient, store: Store) ->
     keys = [(parse_time(item["timestamp"]), item["id"]) for item in items]
     assert keys == sorted(keys)
     assert [item["timestamp"] for item in items] == [
-        "2025-07-18T20:00:01Z",
-        "2025-07-18T20:00:01Z",
-        "2025-07-18T20:00:02Z",
-        "2025-07-18T20:00:03Z",
+        "2025-07-18T20:00:01.000000Z",
+        "2025-07-18T20:00:01.000000Z",
+        "2025-07-18T20:00:02.000000Z",
+        "2025-07-18T20:00:03.000000Z",
     ]
 
 
@@ -83,7 +83,7 @@ def test_telemetry_item_fields(client: FlaskClient, store: Store) -> None:
     assert set(item) == {"id", "timestamp", "metric_name", "value", "labels", "source_timestamp"}
     assert isinstance(item["id"], int)
     assert item["timestamp"] == "2025-07-18T20:00:00.123456Z"
-    assert item["source_timestamp"] == "2025-07-18T19:59:55Z"
+    assert item["source_timestamp"] == "2025-07-18T19:59:55.000000Z"
     assert item["metric_name"] == METRICS[0]
     assert item["value"] == 66.781
     assert item["labels"] == {"job": "dcgm-exporter", "modelName": "NVIDIA H100 80GB HBM3"}
