@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import csv
-import os
-import shutil
 import socket
-import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -107,61 +103,3 @@ def queue_url(start_queue_server: Callable[..., Any]) -> str:
     The queue's own durability is not under test here, so it skips fsync.
     """
     return str(start_queue_server(QUEUE_FSYNC="never").url)
-
-
-class TemporaryPostgres:
-    """A throw-away PostgreSQL cluster of the test's own, to stop and start at will."""
-
-    def __init__(self, bin_dir: Path, base_dir: Path, port: int) -> None:
-        self.bin_dir = bin_dir
-        self.data_dir = base_dir / "data"
-        self.log_file = base_dir / "postgres.log"
-        self.socket_dir = base_dir
-        self.port = port
-        self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-
-    def _run(self, *args: str) -> None:
-        command = [str(self.bin_dir / args[0]), *args[1:]]
-        if os.geteuid() == 0:
-            # The PostgreSQL server does not start as root.
-            command = ["runuser", "-u", "postgres", "--", *command]
-        subprocess.run(command, check=True, capture_output=True, timeout=60)
-
-    def init(self) -> None:
-        self._run("initdb", "-D", str(self.data_dir), "-A", "trust", "-U", "postgres")
-
-    def start(self) -> None:
-        options = (
-            f"-c listen_addresses=127.0.0.1 -c port={self.port} "
-            f"-k {self.socket_dir} -c fsync=off"
-        )
-        self._run(
-            "pg_ctl", "-D", str(self.data_dir), "-l", str(self.log_file), "-w", "-o", options, "start"
-        )
-
-    def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "stop")
-
-
-@pytest.fixture
-def temporary_postgres() -> Iterator[TemporaryPostgres]:
-    """A running PostgreSQL cluster on a free loopback port, removed after the test."""
-    bin_dirs = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not bin_dirs:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL server binaries (initdb) not found under /usr/lib/postgresql")
-        pytest.skip("PostgreSQL server binaries (initdb) not found under /usr/lib/postgresql")
-    base_dir = Path(tempfile.mkdtemp(prefix="collector-postgres-"))
-    if os.geteuid() == 0:
-        shutil.chown(base_dir, user="postgres")
-    cluster = TemporaryPostgres(bin_dirs[-1].parent, base_dir, _free_port())
-    try:
-        cluster.init()
-        cluster.start()
-        yield cluster
-    finally:
-        try:
-            cluster.stop()
-        except subprocess.CalledProcessError:
-            pass  # Already stopped by the test.
-        shutil.rmtree(base_dir, ignore_errors=True)
