@@ -1,6 +1,6 @@
 """Async client of the queue service, on httpx.
 
-    async with QueueClient(["http://127.0.0.1:8080"]) as queue:
+    async with QueueClient(["http://127.0.0.1:8500"]) as queue:
         await queue.create_queue("telemetry")
         await queue.publish("telemetry", [OutgoingMessage(body={...}, key="a:1")])
         for message in await queue.lease("telemetry", max_messages=100, wait_s=20):
@@ -8,8 +8,8 @@
         await queue.ack("telemetry", [message.receipt])
 
 Connection errors, 429 and 5xx answers are retried with exponential backoff and
-full jitter, honouring ``Retry-After``. A publish is retried with the same body,
-so messages that carry an idempotency ``key`` are stored once however often the
+full jitter, honouring ``Retry-After`` (seconds or an HTTP date). A publish is
+retried with the same body, so messages that carry an idempotency ``key`` are stored once however often the
 request is repeated. Long-polls run on their own connection pool, so waiting
 leases never hold up publishes and acks.
 """
@@ -17,11 +17,13 @@ leases never hold up publishes and acks.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import logging
 import random
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import httpx
@@ -235,8 +237,10 @@ class QueueClient:
             return
         self._closed = True
         for node in self._nodes:
-            await node.client.aclose()
-            await node.poll_client.aclose()
+            try:
+                await node.client.aclose()
+            finally:
+                await node.poll_client.aclose()
 
     # Queue administration
 
@@ -258,6 +262,20 @@ class QueueClient:
 
     async def delete_queue(self, name: str) -> None:
         await self._call(name, "DELETE", f"/v1/queues/{name}", None)
+
+    # Push subscriptions
+
+    async def put_subscription(self, queue: str, name: str, **fields: Any) -> dict[str, Any]:
+        """Create or update push subscription ``name`` of ``queue`` and return it.
+
+        The answer to a create carries the generated ``secret``, once.
+        """
+        return await self._call(queue, "PUT", f"/v1/queues/{queue}/subscriptions/{name}", fields)
+
+    async def rotate_subscription_secret(self, queue: str, name: str, **fields: Any) -> dict[str, Any]:
+        """Give push subscription ``name`` a new signing secret; the answer carries it as ``secret``."""
+        path = f"/v1/queues/{queue}/subscriptions/{name}/rotate-secret"
+        return await self._call(queue, "POST", path, fields)
 
     # Messages
 
@@ -282,7 +300,7 @@ class QueueClient:
         if visibility_timeout_s is not None:
             payload["visibility_timeout_s"] = visibility_timeout_s
         answer = await self._call(
-            queue, "POST", f"/v1/queues/{queue}/leases", payload, long_poll=True
+            queue, "POST", f"/v1/queues/{queue}/leases", payload, long_poll=True, wait_s=wait_s
         )
         return [
             LeasedMessage(
@@ -343,11 +361,25 @@ class QueueClient:
         return self._nodes[zlib.crc32(queue.encode()) % len(self._nodes)]
 
     async def _call(
-        self, queue: str, method: str, path: str, payload: Any, *, long_poll: bool = False
+        self,
+        queue: str,
+        method: str,
+        path: str,
+        payload: Any,
+        *,
+        long_poll: bool = False,
+        wait_s: float = 0.0,
     ) -> Any:
         node = self._node_for(queue)
         client = node.poll_client if long_poll else node.client
-        return await self._send(node, client, method, path, payload, name=queue)
+        read_timeout = None
+        if long_poll:
+            # The read must outlast the server-side wait, whatever timeout_s is.
+            configured = client.timeout.read or 0.0
+            read_timeout = max(configured, wait_s + LONG_POLL_MARGIN_S)
+        return await self._send(
+            node, client, method, path, payload, name=queue, read_timeout=read_timeout
+        )
 
     async def _send(
         self,
@@ -358,11 +390,17 @@ class QueueClient:
         payload: Any,
         *,
         name: str | None,
+        read_timeout: float | None = None,
     ) -> Any:
         if self._closed:
             raise RuntimeError("QueueClient is closed")
         content = orjson.dumps(payload) if payload is not None else None
         headers = {"content-type": "application/json"} if content is not None else None
+        timeout = client.timeout
+        if read_timeout is not None:
+            timeout = httpx.Timeout(
+                timeout.connect, read=read_timeout, write=timeout.write, pool=timeout.pool
+            )
         loop = asyncio.get_running_loop()
         started = loop.time()
         attempt = 0
@@ -370,7 +408,9 @@ class QueueClient:
             attempt += 1
             retry_after: float | None = None
             try:
-                response = await client.request(method, path, content=content, headers=headers)
+                response = await client.request(
+                    method, path, content=content, headers=headers, timeout=timeout
+                )
             except httpx.TransportError as exc:
                 status: int | None = None
                 failure = f"{type(exc).__name__}: {exc}"
@@ -383,7 +423,7 @@ class QueueClient:
                             node.failures,
                         )
                         node.failures = 0
-                    return orjson.loads(response.content) if response.content else None
+                    return _decode_success(method, node.url, path, response)
                 status = response.status_code
                 if status not in RETRYABLE_STATUS:
                     raise _request_error(method, path, response, name)
@@ -430,14 +470,34 @@ def _problem_detail(response: httpx.Response) -> str:
     return response.text[:200]
 
 
+def _decode_success(method: str, url: str, path: str, response: httpx.Response) -> Any:
+    if not response.content:
+        return None
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError as exc:
+        raise QueueError(
+            f"{method} {url}{path} returned HTTP {response.status_code} with a body that is not "
+            f"JSON ({response.text[:80]!r}); check that the URL points at a queue server"
+        ) from exc
+
+
 def _retry_after(response: httpx.Response) -> float | None:
+    """Return the Retry-After delay in seconds, from delta-seconds or an HTTP date."""
     raw = response.headers.get("retry-after")
     if raw is None:
         return None
     try:
         return max(0.0, float(raw))
     except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
         return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return max(0.0, (moment - datetime.now(timezone.utc)).total_seconds())
 
 
 def _request_error(

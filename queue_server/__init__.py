@@ -1,0 +1,1 @@
+"""Durable HTTP message queue of the GPU telemetry pipeline (``telemetry-queue``)."""

@@ -1,0 +1,1 @@
+"""The write-ahead log: framed, checksummed records in segment files."""

@@ -1,0 +1,202 @@
+"""The queue client against mocked HTTP (respx) and against the in-process app."""
+
+from __future__ import annotations
+
+import asyncio
+from email.utils import format_datetime
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx
+import pytest
+import respx
+
+from queue_server.auth import Tokens
+from queue_server.http.app import create_app
+from queue_server.service import QueueService, ServiceOptions
+from telemetry import queue_client
+from telemetry.queue_client import (
+    OutgoingMessage,
+    QueueClient,
+    QueueError,
+    QueueNotFound,
+    QueueRequestError,
+    QueueUnavailable,
+    RetryPolicy,
+)
+
+URL = "http://127.0.0.1:8500"
+FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.002)
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Record the client's retry sleeps instead of sleeping."""
+    recorded: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        recorded.append(delay)
+
+    monkeypatch.setattr(queue_client.asyncio, "sleep", fake_sleep)
+    return recorded
+
+
+def problem(status: int, detail: str, **headers: str) -> httpx.Response:
+    body = {"type": "about:blank", "title": "x", "status": status, "detail": detail}
+    return httpx.Response(status, json=body, headers=headers)
+
+
+@respx.mock
+def test_retries_429_honouring_retry_after(sleeps: list[float]) -> None:
+    route = respx.post(f"{URL}/v1/queues/q/messages").mock(
+        side_effect=[
+            problem(429, "queue full", **{"retry-after": "3"}),
+            httpx.Response(200, json={"results": [{"id": "1-0", "duplicate": False}]}),
+        ]
+    )
+
+    async def scenario() -> None:
+        async with QueueClient(URL, retry=FAST, http2=False) as client:
+            results = await client.publish("q", [OutgoingMessage(body=1, key="k")])
+            assert results[0].id == "1-0"
+
+    asyncio.run(scenario())
+    assert route.call_count == 2
+    assert sleeps == [3.0]
+
+
+@respx.mock
+def test_retry_after_http_date(sleeps: list[float]) -> None:
+    later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    respx.get(f"{URL}/v1/queues/q").mock(
+        side_effect=[problem(503, "busy", **{"retry-after": later}), httpx.Response(200, json={"name": "q"})]
+    )
+
+    async def scenario() -> None:
+        async with QueueClient(URL, retry=FAST, http2=False) as client:
+            await client.get_queue("q")
+
+    asyncio.run(scenario())
+    assert 25 < sleeps[0] <= 30
+
+
+@respx.mock
+def test_gives_up_after_max_attempts(sleeps: list[float]) -> None:
+    route = respx.post(f"{URL}/v1/queues/q/acks").mock(return_value=problem(507, "disk nearly full"))
+
+    async def scenario() -> None:
+        async with QueueClient(URL, retry=FAST, http2=False) as client:
+            with pytest.raises(QueueUnavailable, match="disk nearly full") as error:
+                await client.ack("q", ["r"])
+            assert error.value.status == 507
+
+    asyncio.run(scenario())
+    assert route.call_count == 4
+    assert len(sleeps) == 3
+
+
+@respx.mock
+def test_transport_errors_are_retried(sleeps: list[float]) -> None:
+    route = respx.get(f"{URL}/v1/queues").mock(
+        side_effect=[httpx.ConnectError("refused"), httpx.Response(200, json={"queues": []})]
+    )
+
+    async def scenario() -> None:
+        async with QueueClient(URL, retry=FAST, http2=False) as client:
+            assert await client.list_queues() == []
+
+    asyncio.run(scenario())
+    assert route.call_count == 2
+
+
+@respx.mock
+def test_404_raises_queue_not_found_without_retry(sleeps: list[float]) -> None:
+    route = respx.post(f"{URL}/v1/queues/missing/leases").mock(return_value=problem(404, "queue 'missing' does not exist"))
+
+    async def scenario() -> None:
+        async with QueueClient(URL, retry=FAST, http2=False) as client:
+            with pytest.raises(QueueNotFound, match="'missing'") as error:
+                await client.lease("missing", wait_s=0)
+            assert error.value.problem["status"] == 404
+
+    asyncio.run(scenario())
+    assert route.call_count == 1
+    assert sleeps == []
+
+
+@respx.mock
+def test_400_raises_request_error(sleeps: list[float]) -> None:
+    respx.put(f"{URL}/v1/queues/q").mock(return_value=problem(400, "max_deliveries=0 is invalid"))
+
+    async def scenario() -> None:
+        async with QueueClient(URL, retry=FAST, http2=False) as client:
+            with pytest.raises(QueueRequestError, match="max_deliveries=0") as error:
+                await client.create_queue("q", max_deliveries=0)
+            assert error.value.status == 400
+            assert not isinstance(error.value, QueueNotFound)
+
+    asyncio.run(scenario())
+
+
+@respx.mock
+def test_non_json_success_raises_queue_error() -> None:
+    respx.get(f"{URL}/v1/queues/q").mock(return_value=httpx.Response(200, text="<html>proxy</html>"))
+
+    async def scenario() -> None:
+        async with QueueClient(URL, retry=FAST, http2=False) as client:
+            with pytest.raises(QueueError, match="not JSON"):
+                await client.get_queue("q")
+
+    asyncio.run(scenario())
+
+
+@respx.mock
+def test_long_poll_read_timeout_covers_wait() -> None:
+    route = respx.post(f"{URL}/v1/queues/q/leases").mock(return_value=httpx.Response(200, json={"messages": []}))
+
+    async def scenario() -> None:
+        async with QueueClient(URL, retry=FAST, http2=False, timeout_s=1) as client:
+            await client.lease("q", wait_s=20)
+
+    asyncio.run(scenario())
+    assert route.calls[0].request.extensions["timeout"]["read"] >= 20
+
+
+def test_urls_hash_queues_to_nodes() -> None:
+    client = QueueClient("http://127.0.0.1:1, http://127.0.0.1:2")
+    assert client.urls == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    assert {client._node_for(f"q{i}").url for i in range(20)} == set(client.urls)
+    asyncio.run(client.aclose())
+    with pytest.raises(ValueError, match="at least one"):
+        QueueClient([])
+
+
+def test_client_against_in_process_app(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        service = QueueService(ServiceOptions(data_dir=tmp_path, min_free_bytes=0))
+        service.open()
+        await service.start()
+        transport = httpx.ASGITransport(app=create_app(service, Tokens({})))
+        try:
+            async with QueueClient("http://queue.test", transport=transport, retry=FAST) as client:
+                await client.create_queue("jobs", visibility_timeout_s=60)
+                await client.publish("jobs", [OutgoingMessage(body={"i": i}, key=f"k{i}") for i in range(3)])
+                again = await client.publish("jobs", [OutgoingMessage(body={"i": 0}, key="k0")])
+                messages = await client.lease("jobs", max_messages=3, wait_s=0)
+                nacked = await client.nack("jobs", [messages[0].receipt], dead_letter=True, reason="bad")
+                extended = await client.extend("jobs", [messages[1].receipt], visibility_timeout_s=120)
+                acked = await client.ack("jobs", [messages[2].receipt])
+                redriven = await client.redrive("jobs.dlq")
+                queues = {q["name"]: q for q in await client.list_queues()}
+                await client.delete_queue("jobs")
+                with pytest.raises(QueueNotFound):
+                    await client.get_queue("jobs")
+            assert again[0].duplicate is True
+            assert [r.status for r in nacked + extended + acked] == ["dead_lettered", "extended", "acked"]
+            assert all(r.ok for r in nacked + extended + acked)
+            assert redriven == 1
+            assert queues["jobs"]["stats"]["ready"] == 1
+        finally:
+            await service.close()
+
+    asyncio.run(scenario())
