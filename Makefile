@@ -64,7 +64,7 @@ run: $(STAMP)
 	@echo "  Try:          curl -s http://127.0.0.1:$(API_PORT)/api/v1/gpus"
 	@echo "  Scale:        make scale STREAMERS=4 COLLECTORS=1"
 	@echo ""
-	$(STACK_ENV) $(VENV)/bin/circusd circus.ini
+	@$(STACK_ENV) $(VENV)/bin/circusd circus.ini
 
 # circus runs one command at a time and answers "already running" to the next
 # while a scale-down still waits for processes to stop, so each call is retried.

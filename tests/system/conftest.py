@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,8 +23,4 @@ def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
 
     yield factory
     for stack in stacks:
-        try:
-            stack.stop()
-        finally:
-            if stack.process is not None and stack.process.poll() is None:
-                os.killpg(stack.process.pid, signal.SIGKILL)
+        stack.stop()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,16 +145,31 @@ class Stack:
         return [int(pid) for pid in output.split(",") if pid.strip()]
 
     def stop(self) -> int | None:
-        """Stop circusd with SIGTERM, as Ctrl-C on ``make run`` does; return its exit code."""
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        self.process.send_signal(signal.SIGTERM)
+        """Stop circusd with SIGTERM, as Ctrl-C on ``make run`` does; return its exit code.
+
+        Any process circusd started that is still alive afterwards is killed, so no
+        test leaves processes behind. circus gives each child a process group of its
+        own, so killing circusd's group would not reach them.
+        """
+        if self.process is None:
+            return None
         try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        try:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
             return self.process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-            raise
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            for child in children:
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    pass
 
     def log(self) -> str:
         return (self.data_dir / "circus.log").read_text(errors="replace")
