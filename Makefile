@@ -17,7 +17,7 @@ QUEUE_PORT ?= 8500
 API_PORT ?= 8000
 CIRCUS_PORT ?= 8555
 
-.PHONY: help venv run test coverage migrate openapi bench bench-queue bench-ingest bench-api bench-streamer images images-test chart-test constraints scale clean
+.PHONY: help venv run test coverage migrate openapi bench bench-queue bench-ingest bench-api bench-streamer bench-e2e images images-test chart-test constraints scale clean
 
 help:
 	@echo "make run        start queue, streamers, collectors and API on embedded defaults"
@@ -102,6 +102,15 @@ bench-queue: $(STAMP)
 # queue, on SQLite and, when TEST_POSTGRES_URL is set, PostgreSQL.
 bench-ingest: $(STAMP)
 	$(PY) benchmarks/bench_ingest.py $(BENCH_INGEST_ARGS)
+
+# The whole stack on the real CSV: rows/s for 1, 2 and 4 streamers and collectors
+# next to the bulk-insert ceiling, then freshness through the API at one pass per second.
+bench-e2e: $(STAMP)
+	$(PY) benchmarks/bench_e2e.py $(BENCH_E2E_ARGS)
+
+# Every benchmark, one after the other (about 15 minutes on 2 cores; bench-api
+# builds a 10-million-sample database on its first run).
+bench: bench-queue bench-ingest bench-api bench-streamer bench-e2e
 
 # Container images and the Helm chart (dockerfiles/, charts/gpu-telemetry/).
 images: $(STAMP)

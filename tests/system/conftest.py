@@ -11,7 +11,7 @@ from system_stack import Stack
 
 @pytest.fixture
 def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
-    """Factory of started stacks; each is stopped (and its log shown on failure) at teardown."""
+    """Factory of started stacks; each is stopped at teardown, with every process it started."""
     stacks: list[Stack] = []
 
     def factory(**kwargs: object) -> Stack:

@@ -95,7 +95,7 @@ def test_real_csv_three_passes(
         assert stamps == sorted(stamps), gpu["id"]
         assert answer["next_cursor"] is None
 
-    # A window from the first to the last sample of pass 1 holds exactly pass 1.
+    # A window from the first to the last sample of pass 1 contains exactly pass 1.
     engine = make_engine(database_url)
     with engine.connect() as conn:
         rows = conn.execute(
@@ -143,7 +143,7 @@ def assert_complete_passes(database_url: str, rows: int, *, min_passes: int) -> 
     """Each row is stored once for every pass from 0 up to where streaming stopped.
 
     Shards advance independently, so when the streamers stop, one shard may be a
-    pass ahead of another; what must never happen is a gap or a double.
+    pass ahead of another. What must never happen is a gap or a double.
     """
     keys = stored_keys(database_url)
     assert len(keys) == len(set(keys))
