@@ -10,24 +10,30 @@ does not grow with the file. Reading can start at any record boundary given as a
 byte offset, which is how a streamer reads one shard of a large file without
 reading what comes before it.
 
-A record that cannot become a ``TelemetryRecord`` is returned as a ``RejectedRow``
-with a short, bounded ``reason`` (fit for a metric label) and its line number.
+A valid record becomes a ``ParsedRow`` that carries the message body the way
+``TelemetryRecord.to_body()`` writes it. The body is built and checked against the
+``TelemetryRecord`` field constraints by hand, because constructing and dumping a
+pydantic model per row cost more than everything else the streamer does per row;
+pydantic still produces the message of an ``invalid_field`` rejection. A record that
+cannot become a ``TelemetryRecord`` is returned as a ``RejectedRow`` with a short,
+bounded ``reason`` (fit for a metric label) and its line number.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
-from telemetry.record import TelemetryRecord
+from telemetry.record import TelemetryRecord, format_timestamp
 
 __all__ = [
     "EXPORTER_COLUMNS",
@@ -90,8 +96,15 @@ REJECT_REASONS = (
 _BOM = b"\xef\xbb\xbf"
 
 # One Prometheus-style label: name="value", where the value may contain \" and \\ escapes.
-_LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_.:-]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)', re.S)
-_DIGITS = re.compile(r"[0-9]+")
+# The value is written as runs of plain characters between escapes, which the
+# regex engine matches several times faster than one alternation per character.
+_LABEL_PATTERN = r'\s*([A-Za-z_][A-Za-z0-9_.:-]*)\s*=\s*"([^"\\]*(?:\\.[^"\\]*)*)"\s*(?:,|$)'
+_LABEL = re.compile(_LABEL_PATTERN, re.S)
+# A whole labels_raw text: any number of labels. The closing quote of a value is
+# its first unescaped quote, so at each position at most one label matches, and
+# ``findall`` on a text this accepts returns exactly the labels a match-by-match
+# walk returns.
+_LABELS = re.compile(f"(?:{_LABEL_PATTERN})*", re.S)
 _LABEL_ESCAPE = re.compile(r"\\(.)", re.S)
 _LABEL_UNESCAPED = {"n": "\n", "\\": "\\", '"': '"'}
 
@@ -113,8 +126,10 @@ class CsvHeader:
 class ParsedRow:
     """A valid record and where it sits in the file.
 
-    ``record`` carries the CSV timestamp as its ``timestamp`` and a placeholder
-    ``key``. The streamer replaces both with ``stamp`` when it publishes the row.
+    ``body`` is the record as ``TelemetryRecord.to_body()`` writes it, with the CSV
+    timestamp as its ``timestamp`` and the placeholder key ``"unpublished"``. The
+    streamer publishes a copy with both replaced (see ``message_body``); nothing
+    may change ``body`` itself, because the copies share its ``labels`` dict.
     ``line`` is the physical line (1-based, the header is line 1) where the record
     starts. ``start_offset`` and ``end_offset`` are the byte offsets of its first
     byte and of the byte just past it.
@@ -123,7 +138,16 @@ class ParsedRow:
     line: int
     start_offset: int
     end_offset: int
-    record: TelemetryRecord
+    body: dict[str, Any]
+
+    @property
+    def record(self) -> TelemetryRecord:
+        """The record as a validated ``TelemetryRecord`` (built on each access)."""
+        return TelemetryRecord.model_validate(self.body)
+
+    def message_body(self, *, timestamp: str, key: str) -> dict[str, Any]:
+        """Return the message body with the processing time (RFC 3339 UTC text) and the idempotency key set."""
+        return {**self.body, "timestamp": timestamp, "key": key}
 
     def stamp(self, *, processed_at: datetime, key: str) -> TelemetryRecord:
         """Return the record with the processing time and the idempotency key set."""
@@ -153,20 +177,31 @@ def parse_labels(raw: str) -> dict[str, str]:
     Values may contain commas and the escapes ``\\"``, ``\\\\`` and ``\\n``. An empty
     string gives an empty dict. Raises ``ValueError`` naming the text that does not parse.
     """
-    labels: dict[str, str] = {}
-    position = 0
     text = raw.strip()
+    if _LABELS.fullmatch(text) is None:
+        _raise_label_error(text)
+    pairs = _LABEL.findall(text)
+    if "\\" not in text:
+        return dict(pairs)
+    return {name: _LABEL_ESCAPE.sub(_unescape, value) for name, value in pairs}
+
+
+def _unescape(match: re.Match[str]) -> str:
+    return _LABEL_UNESCAPED.get(match.group(1), match.group(0))
+
+
+def _raise_label_error(text: str) -> None:
+    """Raise ``ValueError`` naming the first position in ``text`` where no label matches."""
+    position = 0
     while position < len(text):
         match = _LABEL.match(text, position)
         if match is None or match.end() == position:
-            raise ValueError(
-                f"labels_raw is invalid at character {position}: {text[position:position + 40]!r}; "
-                'expected key="value" pairs separated by commas'
-            )
-        name, value = match.group(1), match.group(2)
-        labels[name] = _LABEL_ESCAPE.sub(lambda m: _LABEL_UNESCAPED.get(m.group(1), m.group(0)), value)
+            break
         position = match.end()
-    return labels
+    raise ValueError(
+        f"labels_raw is invalid at character {position}: {text[position:position + 40]!r}; "
+        'expected key="value" pairs separated by commas'
+    )
 
 
 def read_header(path: Path) -> CsvHeader:
@@ -224,6 +259,7 @@ def read_rows(
         handle.seek(offset)
         lines = _LineSource(handle, offset, start_line)
         reader = csv.reader(lines, strict=True)
+        layout = _Layout.of(header)
         while end_offset is None or lines.offset < end_offset:
             lines.begin_record()
             try:
@@ -236,7 +272,7 @@ def read_rows(
                 continue
             if not fields:
                 continue
-            yield _parse_record(fields, header, lines)
+            yield _parse_record(fields, layout, lines)
 
 
 def scan_records(path: Path, header: CsvHeader) -> Iterator[tuple[int, int, int]]:
@@ -298,59 +334,155 @@ class _LineSource:
             return raw.decode("utf-8", errors="surrogateescape")
 
 
-def _parse_record(fields: list[str], header: CsvHeader, lines: _LineSource) -> ParsedRow | RejectedRow:
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """Field positions of one header, looked up once per file instead of once per field."""
+
+    width: int
+    timestamp: int
+    metric_name: int
+    gpu_id: int
+    device: int
+    uuid: int
+    model_name: int
+    hostname: int
+    value: int
+    container: int | None
+    pod: int | None
+    namespace: int | None
+    labels_raw: int | None
+
+    @classmethod
+    def of(cls, header: CsvHeader) -> _Layout:
+        columns = header.columns
+        return cls(
+            width=header.width,
+            timestamp=columns["timestamp"],
+            metric_name=columns["metric_name"],
+            gpu_id=columns["gpu_id"],
+            device=columns["device"],
+            uuid=columns["uuid"],
+            model_name=columns["modelName"],
+            hostname=columns["Hostname"],
+            value=columns["value"],
+            container=columns.get("container"),
+            pod=columns.get("pod"),
+            namespace=columns.get("namespace"),
+            labels_raw=columns.get("labels_raw"),
+        )
+
+
+def _parse_record(fields: list[str], layout: _Layout, lines: _LineSource) -> ParsedRow | RejectedRow:
     line, start, end = lines.record_line, lines.record_offset, lines.offset
     try:
         if lines.invalid_utf8:
             raise _RowError("invalid_utf8", "the record is not valid UTF-8")
-        if len(fields) != header.width:
+        if len(fields) != layout.width:
             raise _RowError(
-                "column_count", f"the record has {len(fields)} fields, the header has {header.width}"
+                "column_count", f"the record has {len(fields)} fields, the header has {layout.width}"
             )
-        record = _build_record(fields, header.columns)
+        body = _build_body(fields, layout)
     except _RowError as exc:
         return RejectedRow(line, start, end, exc.reason, str(exc))
-    return ParsedRow(line, start, end, record)
+    return ParsedRow(line, start, end, body)
 
 
-def _build_record(fields: list[str], columns: dict[str, int]) -> TelemetryRecord:
-    def value_of(name: str) -> str:
-        index = columns.get(name)
-        return fields[index].strip() if index is not None else ""
+def _build_body(fields: list[str], layout: _Layout) -> dict[str, Any]:
+    """Build the message body of one record, with the checks ``TelemetryRecord`` makes.
 
-    for name in REQUIRED_COLUMNS:
-        if name not in _MAY_BE_EMPTY and not value_of(name):
-            raise _RowError("missing_field", f"the field {name!r} is empty")
+    The checks run in the order that decides which reason a bad record gets:
+    empty required fields, timestamp, gpu_id, value, labels, then field limits.
+    """
+    timestamp = fields[layout.timestamp].strip()
+    metric_name = fields[layout.metric_name].strip()
+    gpu_id = fields[layout.gpu_id].strip()
+    device = fields[layout.device].strip()
+    uuid = fields[layout.uuid].strip()
+    model_name = fields[layout.model_name].strip()
+    hostname = fields[layout.hostname].strip()
+    value_text = fields[layout.value].strip()
+    container = _optional_field(fields, layout.container)
+    pod = _optional_field(fields, layout.pod)
+    namespace = _optional_field(fields, layout.namespace)
+    labels_raw = _optional_field(fields, layout.labels_raw)
 
-    source_timestamp = _parse_timestamp(value_of("timestamp"))
-    gpu_index = _parse_gpu_index(value_of("gpu_id"))
-    value = _parse_value(value_of("value"))
+    if not (timestamp and metric_name and gpu_id and uuid and hostname and value_text):
+        required = (
+            ("timestamp", timestamp),
+            ("metric_name", metric_name),
+            ("gpu_id", gpu_id),
+            ("uuid", uuid),
+            ("Hostname", hostname),
+            ("value", value_text),
+        )
+        name = next(name for name, text in required if not text)
+        raise _RowError("missing_field", f"the field {name!r} is empty")
+
+    source_timestamp = _format_source_timestamp(timestamp)
+    gpu_index = _parse_gpu_index(gpu_id)
+    value = _parse_value(value_text)
     try:
-        labels = parse_labels(value_of("labels_raw"))
+        labels = parse_labels(labels_raw)
     except ValueError as exc:
         raise _RowError("invalid_labels", str(exc)) from exc
 
+    body = {
+        "uuid": uuid,
+        "hostname": hostname,
+        "gpu_index": gpu_index,
+        "device": device,
+        "model_name": model_name,
+        "metric_name": metric_name,
+        "value": value,
+        "labels": labels,
+        "container": container or None,
+        "pod": pod or None,
+        "namespace": namespace or None,
+        "timestamp": source_timestamp,
+        "source_timestamp": source_timestamp,
+        "key": "unpublished",
+    }
+    # The length and range limits of TelemetryRecord's fields. The lower limits of
+    # uuid, hostname and metric_name hold already, because they are not empty.
+    within_limits = (
+        len(uuid) <= 128
+        and len(hostname) <= 255
+        and gpu_index <= 1_000_000
+        and len(device) <= 64
+        and len(model_name) <= 255
+        and len(metric_name) <= 128
+        and len(container) <= 255
+        and len(pod) <= 255
+        and len(namespace) <= 255
+    )
+    if not within_limits:
+        _check_with_model(body)
+    return body
+
+
+def _optional_field(fields: list[str], index: int | None) -> str:
+    return fields[index].strip() if index is not None else ""
+
+
+def _check_with_model(body: dict[str, Any]) -> None:
+    """Validate ``body`` with ``TelemetryRecord`` and raise its first error as ``invalid_field``."""
     try:
-        return TelemetryRecord(
-            uuid=value_of("uuid"),
-            hostname=value_of("Hostname"),
-            gpu_index=gpu_index,
-            device=value_of("device"),
-            model_name=value_of("modelName"),
-            metric_name=value_of("metric_name"),
-            value=value,
-            labels=labels,
-            container=value_of("container") or None,
-            pod=value_of("pod") or None,
-            namespace=value_of("namespace") or None,
-            timestamp=source_timestamp,
-            source_timestamp=source_timestamp,
-            key="unpublished",
-        )
+        TelemetryRecord.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         location = ".".join(str(item) for item in first["loc"])
         raise _RowError("invalid_field", f"{location}: {first['msg']}") from exc
+
+
+@functools.lru_cache(maxsize=1024)
+def _format_source_timestamp(raw: str) -> str:
+    """Parse a CSV timestamp and format it as ``format_timestamp`` does.
+
+    A dump has few distinct timestamps (one per scrape), so the result is cached.
+    A ``_RowError`` is raised again on each call, because ``lru_cache`` stores
+    only returned values.
+    """
+    return format_timestamp(_parse_timestamp(raw))
 
 
 def _parse_timestamp(raw: str) -> datetime:
@@ -365,7 +497,8 @@ def _parse_timestamp(raw: str) -> datetime:
 
 
 def _parse_gpu_index(raw: str) -> int:
-    if not _DIGITS.fullmatch(raw):
+    # ASCII digits only: str.isdigit alone also accepts digits of other scripts.
+    if not (raw.isascii() and raw.isdigit()):
         raise _RowError("invalid_gpu_id", f"gpu_id {raw!r} is not a non-negative integer")
     return int(raw)
 

@@ -32,6 +32,7 @@ __all__ = [
     "source_name",
     "run_key",
     "row_key",
+    "row_key_prefix",
 ]
 
 #: ``kind`` of a control-queue body that describes one shard for one pass.
@@ -95,6 +96,11 @@ class ShardMessage:
 
     def row_key(self, line: int) -> str:
         return row_key(self.source, self.run_id, self.pass_index, line)
+
+    @property
+    def row_key_prefix(self) -> str:
+        """The part of every row key of this pass that comes before the line number."""
+        return row_key_prefix(self.source, self.run_id, self.pass_index)
 
     def to_body(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,4 +257,9 @@ def run_key(source: str, file_size: int, attempt: int) -> str:
 
 def row_key(source: str, run_id: str, pass_index: int, line: int) -> str:
     """Idempotency key of one row in one pass of one run."""
-    return f"{source}:{run_id}:{pass_index}:{line}"
+    return f"{row_key_prefix(source, run_id, pass_index)}{line}"
+
+
+def row_key_prefix(source: str, run_id: str, pass_index: int) -> str:
+    """The part of a row key before the line number, so a batch builds its keys by appending lines."""
+    return f"{source}:{run_id}:{pass_index}:"

@@ -282,8 +282,17 @@ class QueueClient:
     async def publish(
         self, queue: str, messages: Iterable[OutgoingMessage | Mapping[str, Any]]
     ) -> list[PublishResult]:
-        """Publish up to 1000 messages; return once they are durable, one result each."""
-        items = [m.to_json() if isinstance(m, OutgoingMessage) else dict(m) for m in messages]
+        """Publish up to 1000 messages; return once they are durable, one result each.
+
+        A message given as a mapping is sent as it is, in the JSON form of
+        ``OutgoingMessage`` (``body``, optional ``key`` and ``delay_s``).
+        """
+        # A plain dict is encoded without a copy: the request body is encoded
+        # before this coroutine first waits, so later changes to it cannot leak in.
+        items = [
+            m if type(m) is dict else m.to_json() if isinstance(m, OutgoingMessage) else dict(m)
+            for m in messages
+        ]
         answer = await self._call(queue, "POST", f"/v1/queues/{queue}/messages", {"messages": items})
         return [PublishResult(id=r["id"], duplicate=r["duplicate"]) for r in answer["results"]]
 

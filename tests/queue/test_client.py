@@ -6,8 +6,10 @@ import asyncio
 from email.utils import format_datetime
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import MappingProxyType
 
 import httpx
+import orjson
 import pytest
 import respx
 
@@ -200,3 +202,36 @@ def test_client_against_in_process_app(tmp_path: Path) -> None:
             await service.close()
 
     asyncio.run(scenario())
+
+
+@respx.mock
+def test_publish_sends_mappings_and_messages_alike() -> None:
+    route = respx.post(f"{URL}/v1/queues/q/messages").mock(
+        return_value=httpx.Response(
+            200, json={"results": [{"id": f"1-{n}", "duplicate": False} for n in range(3)]}
+        )
+    )
+    as_dict = {"body": {"v": 1}, "key": "a"}
+
+    async def scenario() -> None:
+        async with QueueClient(URL, retry=FAST, http2=False) as client:
+            await client.publish(
+                "q",
+                [
+                    as_dict,
+                    MappingProxyType({"body": {"v": 2}, "key": "b", "delay_s": 1.5}),
+                    OutgoingMessage(body={"v": 3}, key="c"),
+                ],
+            )
+
+    asyncio.run(scenario())
+
+    sent = orjson.loads(route.calls[0].request.content)
+    assert sent == {
+        "messages": [
+            {"body": {"v": 1}, "key": "a"},
+            {"body": {"v": 2}, "key": "b", "delay_s": 1.5},
+            {"body": {"v": 3}, "key": "c"},
+        ]
+    }
+    assert as_dict == {"body": {"v": 1}, "key": "a"}

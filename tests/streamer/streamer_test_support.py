@@ -132,8 +132,9 @@ class FakeQueue:
     async def publish(self, name: str, messages: Iterable[OutgoingMessage | Mapping[str, Any]]) -> list[PublishResult]:
         queue = self.queues[name]
         results = []
-        for message in messages:
-            assert isinstance(message, OutgoingMessage)
+        for item in messages:
+            # The client accepts the JSON form of a message as well, as the streamer sends rows.
+            message = item if isinstance(item, OutgoingMessage) else OutgoingMessage(**item)
             if message.key is not None and message.key in queue.keys:
                 results.append(PublishResult(id=queue.keys[message.key], duplicate=True))
                 continue

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import csv
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
 import pytest
 
 from streamer.dcgm_csv import (
@@ -16,6 +18,7 @@ from streamer.dcgm_csv import (
     read_header,
     read_rows,
 )
+from telemetry.record import TelemetryRecord, format_timestamp
 
 HEADER = b"timestamp,metric_name,gpu_id,device,uuid,modelName,Hostname,container,pod,namespace,value,labels_raw"
 LABELS = b'"DCGM_FI_DRIVER_VERSION=""535.129.03"",Hostname=""host-1"",gpu=""0"""'
@@ -64,6 +67,10 @@ BAD_ROWS = [
     pytest.param(b'"2025-07-18T20:42:34Z","DCGM_FI_DEV_GPU_UTIL","0"', "column_count", id="too-few-columns"),
     pytest.param(record(hostname=b'"host-\xff"'), "invalid_utf8", id="invalid-utf8"),
     pytest.param(record(uuid=b'"' + b"G" * 200 + b'"'), "invalid_field", id="uuid-too-long"),
+    pytest.param(record(gpu_id=b'"1000001"'), "invalid_field", id="gpu-id-too-large"),
+    pytest.param(record(hostname=b'"' + b"h" * 256 + b'"'), "invalid_field", id="hostname-too-long"),
+    pytest.param(record(metric=b'"' + b"M" * 129 + b'"'), "invalid_field", id="metric-too-long"),
+    pytest.param(record(container=b'"' + b"c" * 256 + b'"'), "invalid_field", id="container-too-long"),
 ]
 
 
@@ -157,6 +164,9 @@ LABEL_CASES = [
     pytest.param('a="1", b="x,y"', {"a": "1", "b": "x,y"}, id="comma-in-value"),
     pytest.param('a="q\\"q",b="back\\\\slash"', {"a": 'q"q', "b": "back\\slash"}, id="escapes"),
     pytest.param('__name__="DCGM_FI_DEV_GPU_UTIL"', {"__name__": "DCGM_FI_DEV_GPU_UTIL"}, id="dunder-name"),
+    pytest.param(' a = "1" , b="2",', {"a": "1", "b": "2"}, id="spaces-and-trailing-comma"),
+    pytest.param('a="line\\nbreak",a="again"', {"a": "again"}, id="repeated-name-keeps-last"),
+    pytest.param('a="x\\ny",b="\\t"', {"a": "x\ny", "b": "\\t"}, id="newline-and-unknown-escape"),
 ]
 
 
@@ -221,3 +231,92 @@ def test_real_csv_parses_completely(real_csv: Path) -> None:
     assert len({row.record.hostname for row in parsed}) == 31
     assert len({row.record.metric_name for row in parsed}) == 10
     assert all(row.record.labels["UUID"] == row.record.uuid for row in parsed)
+
+
+def test_limits_at_maximum_accepted(tmp_path: Path) -> None:
+    content = record(
+        uuid=b'"' + b"G" * 128 + b'"',
+        hostname=b'"' + b"h" * 255 + b'"',
+        metric=b'"' + b"M" * 128 + b'"',
+        gpu_id=b'"1000000"',
+        container=b'"' + b"c" * 255 + b'"',
+    )
+    rows = parse(tmp_path, HEADER + b"\n" + content + b"\n")
+
+    assert len(rows) == 1
+    assert isinstance(rows[0], ParsedRow)
+    assert rows[0].record.gpu_index == 1_000_000
+
+
+def test_invalid_field_message_names_field(tmp_path: Path) -> None:
+    rows = parse(tmp_path, HEADER + b"\n" + record(gpu_id=b'"1000001"') + b"\n")
+
+    rejected = rows[0]
+    assert isinstance(rejected, RejectedRow)
+    assert rejected.message == "gpu_index: Input should be less than or equal to 1000000"
+
+
+def reference_bodies(path: Path, processed: datetime) -> list[dict[str, object]]:
+    """Build every row's message body through TelemetryRecord, field by field from csv.DictReader."""
+    bodies = []
+    with path.open(newline="", encoding="utf-8") as source:
+        for line, fields in enumerate(csv.DictReader(source), start=2):
+            source_time = datetime.fromisoformat(fields["timestamp"].replace("Z", "+00:00"))
+            record = TelemetryRecord(
+                uuid=fields["uuid"],
+                hostname=fields["Hostname"],
+                gpu_index=int(fields["gpu_id"]),
+                device=fields["device"],
+                model_name=fields["modelName"],
+                metric_name=fields["metric_name"],
+                value=float(fields["value"]),
+                labels=parse_labels(fields["labels_raw"]),
+                container=fields["container"] or None,
+                pod=fields["pod"] or None,
+                namespace=fields["namespace"] or None,
+                timestamp=processed + timedelta(microseconds=line),
+                source_timestamp=source_time,
+                key=f"real.csv:run:0:{line}",
+            )
+            bodies.append(record.to_body())
+    return bodies
+
+
+def test_real_csv_bodies_equal_record_to_body(real_csv: Path) -> None:
+    processed = datetime(2026, 12, 4, 21, 30, 59, 999_000, tzinfo=UTC)
+    expected = reference_bodies(real_csv, processed)
+
+    rows = [row for row in read_rows(real_csv, read_header(real_csv)) if isinstance(row, ParsedRow)]
+    bodies = [
+        row.message_body(
+            timestamp=format_timestamp(processed + timedelta(microseconds=row.line)),
+            key=f"real.csv:run:0:{row.line}",
+        )
+        for row in rows
+    ]
+
+    assert len(bodies) == len(expected) == 2470
+    for body, reference in zip(bodies, expected, strict=True):
+        assert body == reference
+        # Same field order too, so the encoded message is byte for byte the same.
+        assert orjson.dumps(body) == orjson.dumps(reference)
+        assert TelemetryRecord.parse_body(orjson.dumps(body)).to_body() == reference
+
+
+def test_message_body_leaves_row_unchanged(tmp_path: Path) -> None:
+    row = parse(tmp_path, HEADER + b"\n" + GOOD)[0]
+    assert isinstance(row, ParsedRow)
+    before = dict(row.body)
+
+    body = row.message_body(timestamp="2026-01-02T03:04:05.000006Z", key="k1")
+
+    assert row.body == before
+    assert body["timestamp"] == "2026-01-02T03:04:05.000006Z"
+    assert body["key"] == "k1"
+    assert body["source_timestamp"] == "2025-07-18T20:42:34.000000Z"
+    assert list(body) == list(before)
+
+
+def test_parse_labels_error_names_position() -> None:
+    with pytest.raises(ValueError, match="at character 6: 'b'"):
+        parse_labels('a="1",b')

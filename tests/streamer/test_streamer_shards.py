@@ -9,7 +9,15 @@ import pytest
 from streamer_test_support import write_dump
 
 from streamer.dcgm_csv import read_header, read_rows, scan_records
-from streamer.shards import RunMessage, ShardMessage, new_run_id, plan_shards, row_key, source_name
+from streamer.shards import (
+    RunMessage,
+    ShardMessage,
+    new_run_id,
+    plan_shards,
+    row_key,
+    row_key_prefix,
+    source_name,
+)
 
 
 def test_scan_matches_read_rows_with_bad_rows(tmp_path: Path) -> None:
@@ -137,3 +145,10 @@ def test_source_name_shortens_long_names() -> None:
     assert len(long_name) == 80
     assert long_name != source_name(Path("/data") / ("x" * 201 + ".csv"))
     assert row_key("dump.csv", "r", 2, 7) == "dump.csv:r:2:7"
+
+
+def test_row_key_prefix_plus_line_is_row_key() -> None:
+    message = ShardMessage.from_body(shard_body(source="f.csv", run_id="r", pass_index=3))
+
+    assert message.row_key_prefix + "12" == message.row_key(12)
+    assert row_key_prefix("dump.csv", "r", 2) + "7" == row_key("dump.csv", "r", 2, 7)

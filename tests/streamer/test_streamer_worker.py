@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,23 @@ async def test_one_streamer_publishes_every_row_per_pass(fake_queue: FakeQueue, 
     assert fake_queue.queues[CONTROL_QUEUE].messages == {}
     assert streamer.metrics.rows_published._value.get() == 240
     assert all(record.key.startswith("small.csv:") for record in records)
+
+
+async def test_published_rows_stamped_in_order(fake_queue: FakeQueue, small_csv: Path) -> None:
+    started = datetime.now(UTC)
+    streamer = Streamer(fake_queue, config(small_csv, passes=2, rows_per_shard=100))  # type: ignore[arg-type]
+
+    await asyncio.wait_for(streamer.run(), timeout=10)
+
+    finished = datetime.now(UTC)
+    records = published_records(fake_queue)
+    times = [record.timestamp for record in records]
+    assert len(records) == 160
+    assert len(set(times)) == 160
+    assert times == sorted(times)
+    assert started.replace(microsecond=0) <= times[0]
+    assert times[-1] <= finished
+    assert streamer.metrics.rows_read._value.get() == 160
 
 
 async def test_streamers_share_passes_without_overlap(fake_queue: FakeQueue, small_csv: Path) -> None:
