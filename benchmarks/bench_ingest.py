@@ -9,10 +9,20 @@ the same tables and indexes:
    1000 rows per transaction, with the GPUs and (GPU, metric) pairs inserted once
    beforehand. It is also measured as one transaction for all rows;
 2. ``store_records``: the collector's storage function called directly, batches
-   of 1000 (GPU upserts, metric pairs and the idempotent insert included);
+   of 1000 (GPU upserts, metric pairs and the idempotent insert included), with a
+   ``KnownGpus`` cache as the collector uses it;
 3. collector: a real ``telemetry-collector`` process drains a real queue server
    pre-filled with the rows as messages, timed from the moment it logs its health
    port until the queue has acknowledged every message.
+
+Once per run, the queue path alone is measured too: this process leases and
+acknowledges the pre-filled messages with two lease requests in flight, as the
+collector does, and neither validates nor stores them. It bounds what any
+collector reaches with this queue server on this machine.
+
+The SQLite ceiling uses the pragmas ``telemetry.database.make_engine`` sets (WAL,
+``synchronous=NORMAL``, foreign keys on), so it checks the same foreign keys as
+the collector's inserts.
 
 Rows are the real DCGM CSV rows, repeated with distinct idempotency keys and
 timestamps up to ``--rows``. Run with ``make bench-ingest``.
@@ -49,7 +59,7 @@ from sqlalchemy import insert
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from collector.storage import store_records
+from collector.storage import KnownGpus, store_records
 from telemetry.database import make_engine
 from telemetry.queue_client import OutgoingMessage, QueueClient
 from telemetry.record import TELEMETRY_QUEUE, TelemetryRecord
@@ -147,6 +157,7 @@ def ceiling_sqlite(path: Path, records: Sequence[TelemetryRecord], batch: int) -
     connection = sqlite3.connect(path, isolation_level=None)
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
+    connection.execute("PRAGMA foreign_keys=ON")
     sql = f"INSERT INTO telemetry_samples ({COLUMNS}) VALUES ({', '.join('?' * 10)})"
     started = time.perf_counter()
     for offset in range(0, len(rows), batch):
@@ -174,9 +185,10 @@ def ceiling_postgres(url: str, records: Sequence[TelemetryRecord], batch: int) -
 
 def store_rate(url: str, records: Sequence[TelemetryRecord]) -> float:
     engine = make_engine(url)
+    known = KnownGpus()
     started = time.perf_counter()
     for offset in range(0, len(records), BATCH):
-        store_records(engine, records[offset : offset + BATCH])
+        store_records(engine, records[offset : offset + BATCH], known=known)
     elapsed = time.perf_counter() - started
     engine.dispose()
     return len(records) / elapsed
@@ -233,6 +245,31 @@ async def prefill(url: str, records: Sequence[TelemetryRecord]) -> None:
             )
 
 
+async def drain_without_storing(url: str, total: int, concurrent_leases: int = 2) -> float:
+    """Lease and ack ``total`` messages without validating or storing them; return the elapsed time."""
+    async with QueueClient(url) as queue:
+        acked = 0
+
+        async def lease_and_ack() -> None:
+            nonlocal acked
+            while acked < total:
+                messages = await queue.lease(TELEMETRY_QUEUE, max_messages=BATCH, wait_s=1)
+                if messages:
+                    await queue.ack(TELEMETRY_QUEUE, [message.receipt for message in messages])
+                    acked += len(messages)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(lease_and_ack() for _ in range(concurrent_leases)))
+        return time.perf_counter() - started
+
+
+def queue_only_rate(records: Sequence[TelemetryRecord], work_dir: Path, fsync: str) -> float:
+    with queue_server(work_dir, fsync) as url:
+        asyncio.run(prefill(url, records))
+        elapsed = asyncio.run(drain_without_storing(url, len(records)))
+    return len(records) / elapsed
+
+
 def acked_total(url: str) -> int:
     response = httpx.get(f"{url}/v1/queues/{TELEMETRY_QUEUE}", timeout=5)
     return int(response.json()["stats"]["acked_total"])
@@ -260,9 +297,14 @@ def collector_rate(database_url: str, records: Sequence[TelemetryRecord], work_d
     return len(records) / elapsed
 
 
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def run_database(name: str, url: str, records: Sequence[TelemetryRecord], work_dir: Path,
                  fsync: str, sqlite_path: Path | None) -> dict[str, float]:
     results: dict[str, float] = {}
+    print(f"{name}: load average {load_average()} at start", flush=True)
 
     migrate(url)
     insert_metadata(url, records)
@@ -283,8 +325,8 @@ def run_database(name: str, url: str, records: Sequence[TelemetryRecord], work_d
 
     migrate(url)
     results["collector"] = collector_rate(url, records, work_dir, fsync)
-    print(f"{name}: " + ", ".join(f"{key} {value:,.0f} rows/s" for key, value in results.items()),
-          flush=True)
+    print(f"{name}: " + ", ".join(f"{key} {value:,.0f} rows/s" for key, value in results.items())
+          + f"; load average {load_average()} at end", flush=True)
     return results
 
 
@@ -321,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as temp:
         work_dir = Path(temp)
+        queue_only = queue_only_rate(records, work_dir, args.queue_fsync)
+        print(f"queue path alone (lease + ack, no validation, no database): "
+              f"{queue_only:,.0f} messages/s; load average {load_average()}", flush=True)
         sqlite_path = work_dir / "telemetry.db"
         table.append(("SQLite (WAL)", run_database(
             "SQLite", f"sqlite:///{sqlite_path}", records, work_dir, args.queue_fsync, sqlite_path)))
@@ -339,13 +384,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print("TEST_POSTGRES_URL is not set: PostgreSQL skipped", flush=True)
 
-    print("\n| database | ceiling (rows/s, 1000 per tx) | ceiling, one tx | store_records | collector | collector / ceiling | store_records / ceiling |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| database | ceiling (rows/s, 1000 per tx) | ceiling, one tx | store_records | collector | queue path alone | collector / ceiling | store_records / ceiling | queue path / ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, result in table:
         print(
             f"| {name} | {result['ceiling']:,.0f} | {result['ceiling_one_transaction']:,.0f} | "
-            f"{result['store_records']:,.0f} | {result['collector']:,.0f} | "
-            f"{result['collector'] / result['ceiling']:.0%} | {result['store_records'] / result['ceiling']:.0%} |"
+            f"{result['store_records']:,.0f} | {result['collector']:,.0f} | {queue_only:,.0f} | "
+            f"{result['collector'] / result['ceiling']:.0%} | {result['store_records'] / result['ceiling']:.0%} | "
+            f"{queue_only / result['ceiling']:.0%} |"
         )
     return 0
 

@@ -69,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(COLLECTOR_BATCH_SIZE, default %(default)s)",
     )
     parser.add_argument(
+        "--max-transaction-rows",
+        type=int,
+        default=env_int("COLLECTOR_MAX_TRANSACTION_ROWS", 5000),
+        help="maximum records written in one transaction, merged from the leased batches "
+        "that are ready (COLLECTOR_MAX_TRANSACTION_ROWS, default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-merge-wait-s",
+        type=float,
+        default=env_float("COLLECTOR_MAX_MERGE_WAIT_S", 0.02),
+        help="how long to wait for more leased batches to merge into a transaction, "
+        "in seconds, 0 to 10 (COLLECTOR_MAX_MERGE_WAIT_S, default %(default)s)",
+    )
+    parser.add_argument(
         "--wait-s",
         type=float,
         default=env_float("COLLECTOR_WAIT_S", 20.0),
@@ -166,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             wait_s=args.wait_s,
             visibility_timeout_s=args.visibility_timeout_s,
             stop_timeout_s=args.stop_timeout_s,
+            max_transaction_rows=args.max_transaction_rows,
+            max_merge_wait_s=args.max_merge_wait_s,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -8,6 +8,10 @@
 3. inserts the samples with ``ON CONFLICT (idempotency_key) DO NOTHING``, so a
    redelivered message is stored once and counted as a duplicate.
 
+A long-running writer passes a ``KnownGpus`` cache, which remembers what its own
+commits wrote. Steps 1 and 2 then skip the GPUs whose stored time range already
+covers the batch and the (GPU, metric name) pairs already stored.
+
 Samples take the driver's bulk path: one ``executemany`` of a prepared statement on
 SQLite, and on PostgreSQL a ``COPY`` into a temporary table followed by one
 ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``. Rows are written in key order
@@ -30,12 +34,12 @@ import psycopg
 from sqlalchemy import Table, case, column, select, table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from telemetry.record import TelemetryRecord
 from telemetry.tables import Gpu, GpuMetric, TelemetrySample
 
-__all__ = ["StoreResult", "store_records"]
+__all__ = ["KnownGpus", "StoreResult", "store_records"]
 
 GPUS: Table = Gpu.__table__  # type: ignore[attr-defined]
 GPU_METRICS: Table = GpuMetric.__table__  # type: ignore[attr-defined]
@@ -86,10 +90,74 @@ class StoreResult:
     duplicates: int
 
 
-def store_records(engine: Engine, records: Sequence[TelemetryRecord]) -> StoreResult:
+class KnownGpus:
+    """What this process's own commits stored in ``gpus`` and ``gpu_metrics``.
+
+    Stored GPU time ranges only widen, whichever process writes them, so a range
+    this process committed lies within the stored one: a GPU whose batch
+    range falls inside it needs no upsert. A stored (GPU, metric name) pair needs
+    no insert. The cache is updated only after a commit, and ``store_records``
+    clears it and retries once when the database rejects a batch, which is what
+    happens when cached GPUs were deleted behind its back (the samples' foreign
+    key fails).
+
+    One instance belongs to one database; it is not thread-safe, so one writer
+    thread uses it at a time.
+    """
+
+    def __init__(self) -> None:
+        self._ranges: dict[str, tuple[datetime, datetime, tuple[Any, ...]]] = {}
+        self._pairs: set[tuple[str, str]] = set()
+
+    def __len__(self) -> int:
+        return len(self._ranges)
+
+    def clear(self) -> None:
+        """Forget everything, so the next batch upserts all of its GPUs and pairs."""
+        self._ranges.clear()
+        self._pairs.clear()
+
+    def covers(self, row: dict[str, Any]) -> bool:
+        """Return whether the stored row of this GPU needs no change for ``row``."""
+        known = self._ranges.get(row["uuid"])
+        if known is None:
+            return False
+        first_seen, last_seen, descriptive = known
+        if row["first_seen"] < first_seen or row["last_seen"] > last_seen:
+            return False
+        # At an equal last_seen the upsert copies the incoming descriptive columns.
+        return row["last_seen"] < last_seen or _descriptive(row) == descriptive
+
+    def new_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Return the pairs not known to be stored, in the given order."""
+        return [pair for pair in pairs if pair not in self._pairs]
+
+    def remember(self, gpus: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> None:
+        """Record GPU rows and pairs that a committed transaction wrote."""
+        for row in gpus:
+            known = self._ranges.get(row["uuid"])
+            if known is None:
+                self._ranges[row["uuid"]] = (row["first_seen"], row["last_seen"], _descriptive(row))
+                continue
+            first_seen, last_seen, descriptive = known
+            if row["last_seen"] >= last_seen:
+                last_seen, descriptive = row["last_seen"], _descriptive(row)
+            self._ranges[row["uuid"]] = (min(first_seen, row["first_seen"]), last_seen, descriptive)
+        self._pairs.update(pairs)
+
+
+def _descriptive(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row["hostname"], row["gpu_index"], row["device"], row["model_name"])
+
+
+def store_records(
+    engine: Engine, records: Sequence[TelemetryRecord], *, known: KnownGpus | None = None
+) -> StoreResult:
     """Store a batch of records in one transaction, ignoring already stored keys.
 
-    Either the whole batch is committed or nothing is. Database errors propagate as
+    Either the whole batch is committed or nothing is. ``known`` is the caller's
+    cache of stored GPUs and pairs, updated after the commit. Without it, every
+    GPU and pair of the batch is upserted. Database errors propagate as
     SQLAlchemy exceptions (``OperationalError`` when the database is unreachable or
     locked, ``DataError`` or ``IntegrityError`` when it rejects a value), so the
     caller decides whether to retry.
@@ -99,17 +167,44 @@ def store_records(engine: Engine, records: Sequence[TelemetryRecord]) -> StoreRe
 
     ordered = sorted(records, key=_record_key)
     gpus = _gpu_rows(ordered)
+    pairs = sorted({(record.uuid, record.metric_name) for record in ordered})
+    if known is None:
+        stored = _store_once(engine, gpus, pairs, ordered)
+        return StoreResult(stored=stored, duplicates=len(records) - stored)
+
+    try:
+        stored = _store_once(
+            engine,
+            [row for row in gpus if not known.covers(row)],
+            known.new_pairs(pairs),
+            ordered,
+        )
+    except (DataError, IntegrityError):
+        if not known:
+            raise
+        # The cache may be stale because rows were deleted or the database was
+        # restored. A rejection that remains without the cache is the data's fault.
+        known.clear()
+        stored = _store_once(engine, gpus, pairs, ordered)
+    known.remember(gpus, pairs)
+    return StoreResult(stored=stored, duplicates=len(records) - stored)
+
+
+def _store_once(
+    engine: Engine,
+    gpus: list[dict[str, Any]],
+    pairs: list[tuple[str, str]],
+    records: Sequence[TelemetryRecord],
+) -> int:
     with engine.begin() as connection:
         dialect_name = connection.dialect.name
         if dialect_name == "postgresql":
-            stored = _store_postgres(connection, gpus, ordered)
-        elif dialect_name == "sqlite":
-            stored = _store_sqlite(connection, gpus, ordered)
-        else:
-            raise ValueError(
-                f"unsupported database dialect {dialect_name!r}: expected sqlite or postgresql"
-            )
-    return StoreResult(stored=stored, duplicates=len(records) - stored)
+            return _store_postgres(connection, gpus, pairs, records)
+        if dialect_name == "sqlite":
+            return _store_sqlite(connection, gpus, pairs, records)
+        raise ValueError(
+            f"unsupported database dialect {dialect_name!r}: expected sqlite or postgresql"
+        )
 
 
 def _gpu_rows(records: Sequence[TelemetryRecord]) -> list[dict[str, Any]]:
@@ -193,27 +288,41 @@ def _sqlite_statements() -> tuple[_CompiledInsert, _CompiledInsert, _CompiledIns
 
 
 def _store_sqlite(
-    connection: Connection, gpus: list[dict[str, Any]], records: Sequence[TelemetryRecord]
+    connection: Connection,
+    gpus: list[dict[str, Any]],
+    pairs: list[tuple[str, str]],
+    records: Sequence[TelemetryRecord],
 ) -> int:
     gpu_upsert, metric_insert, sample_insert = _sqlite_statements()
 
-    for row in gpus:
-        row["first_seen"] = _sqlite_timestamp(row["first_seen"])
-        row["last_seen"] = _sqlite_timestamp(row["last_seen"])
-    connection.exec_driver_sql(
-        gpu_upsert.sql, [tuple(row[name] for name in gpu_upsert.columns) for row in gpus]
-    )
+    if gpus:
+        timestamps = {"first_seen", "last_seen"}
+        connection.exec_driver_sql(
+            gpu_upsert.sql,
+            [
+                tuple(
+                    _sqlite_timestamp(row[name]) if name in timestamps else row[name]
+                    for name in gpu_upsert.columns
+                )
+                for row in gpus
+            ],
+        )
+    if pairs:
+        connection.exec_driver_sql(metric_insert.sql, pairs)
 
-    pairs = sorted({(record.uuid, record.metric_name) for record in records})
-    connection.exec_driver_sql(metric_insert.sql, pairs)
-
+    # Records hold UTC datetimes (TelemetryRecord converts them), so the first 26
+    # characters of the ISO form are the naive UTC text that _sqlite_timestamp writes.
     rows = [
         (
             record.uuid,
             record.metric_name,
             record.value,
-            _sqlite_timestamp(record.timestamp),
-            _sqlite_timestamp(record.source_timestamp),
+            record.timestamp.isoformat(" ", "microseconds")[:26],
+            (
+                record.source_timestamp.isoformat(" ", "microseconds")[:26]
+                if record.source_timestamp is not None
+                else None
+            ),
             orjson.dumps(record.labels).decode(),
             record.container,
             record.pod,
@@ -227,20 +336,10 @@ def _store_sqlite(
 
 
 # PostgreSQL: samples are copied into a session-local staging table, then moved
-# with one INSERT ... SELECT ... ON CONFLICT DO NOTHING, which also derives the
-# batch's (GPU, metric name) pairs.
+# with one INSERT ... SELECT ... ON CONFLICT DO NOTHING.
 
 _POSTGRES_GPU_UPSERT = _gpu_upsert(postgresql.insert(GPUS))
-_POSTGRES_METRIC_INSERT = (
-    postgresql.insert(GPU_METRICS)
-    .from_select(
-        ["gpu_uuid", "metric_name"],
-        select(_STAGING.c.gpu_uuid, _STAGING.c.metric_name)
-        .distinct()
-        .order_by(_STAGING.c.gpu_uuid, _STAGING.c.metric_name),
-    )
-    .on_conflict_do_nothing()
-)
+_POSTGRES_METRIC_INSERT = postgresql.insert(GPU_METRICS).on_conflict_do_nothing()
 _POSTGRES_SAMPLE_INSERT = (
     postgresql.insert(SAMPLES)
     .from_select(
@@ -255,16 +354,24 @@ _POSTGRES_SAMPLE_INSERT = (
 
 
 def _store_postgres(
-    connection: Connection, gpus: list[dict[str, Any]], records: Sequence[TelemetryRecord]
+    connection: Connection,
+    gpus: list[dict[str, Any]],
+    pairs: list[tuple[str, str]],
+    records: Sequence[TelemetryRecord],
 ) -> int:
-    connection.execute(_POSTGRES_GPU_UPSERT, gpus)
+    if gpus:
+        connection.execute(_POSTGRES_GPU_UPSERT, gpus)
+    if pairs:
+        connection.execute(
+            _POSTGRES_METRIC_INSERT,
+            [{"gpu_uuid": gpu_uuid, "metric_name": name} for gpu_uuid, name in pairs],
+        )
 
     # Created in every transaction (a no-op once it exists), because a rolled-back
     # transaction also rolls back the creation of the session's temporary table.
     connection.exec_driver_sql(_POSTGRES_CREATE_STAGING)
     _copy_to_staging(connection, records)
 
-    connection.execute(_POSTGRES_METRIC_INSERT)
     result = connection.execute(_POSTGRES_SAMPLE_INSERT)
     return int(result.rowcount)
 

@@ -2,9 +2,12 @@
 
 Lease tasks and a store task run side by side. Each lease task long-polls for
 up to ``batch_size`` messages, validates them and hands the batch to the store
-task through a one-slot buffer, so the next batch is already leased and
-validated while the current one is written. The store task writes each batch in one transaction
-(in a worker thread) and acknowledges its messages only after the commit.
+task through a bounded buffer, so the next batches are already leased and
+validated while the current ones are written. The store task merges the batches
+that are ready (up to ``max_transaction_rows`` records, waiting at most
+``max_merge_wait_s`` for more), writes them in one transaction (in a worker
+thread) and acknowledges their messages only after the commit. A ``KnownGpus``
+cache spares each transaction the GPU and (GPU, metric) rows it already stored.
 
 Failure handling:
 
@@ -22,6 +25,7 @@ Failure handling:
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -34,7 +38,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from collector.metrics import CollectorMetrics
-from collector.storage import StoreResult, store_records
+from collector.storage import KnownGpus, StoreResult, store_records
 from telemetry.queue_client import LeasedMessage, QueueClient, QueueError, QueueNotFound
 from telemetry.record import TELEMETRY_QUEUE, InvalidRecord, TelemetryRecord
 
@@ -64,12 +68,27 @@ class CollectorConfig:
     #: Lease requests kept in flight. Two keep the database busy while the queue
     #: server prepares the next batch.
     concurrent_leases: int = 2
+    #: Maximum records written in one transaction, merged from leased batches.
+    #: A batch is never split, so a transaction contains at least one whole batch.
+    max_transaction_rows: int = 5000
+    #: How long the store task waits for more batches to merge into a
+    #: transaction that has fewer than ``max_transaction_rows`` records.
+    max_merge_wait_s: float = 0.02
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 1000:
             raise ValueError(f"batch_size={self.batch_size!r} is invalid: expected 1 to 1000")
         if not 0 <= self.wait_s <= 20:
             raise ValueError(f"wait_s={self.wait_s!r} is invalid: expected 0 to 20 seconds")
+        if self.max_transaction_rows < 1:
+            raise ValueError(
+                f"max_transaction_rows={self.max_transaction_rows!r} is invalid: "
+                "expected 1 or more"
+            )
+        if not 0 <= self.max_merge_wait_s <= 10:
+            raise ValueError(
+                f"max_merge_wait_s={self.max_merge_wait_s!r} is invalid: expected 0 to 10 seconds"
+            )
         if self.concurrent_leases < 1:
             raise ValueError(
                 f"concurrent_leases={self.concurrent_leases!r} is invalid: expected 1 or more"
@@ -141,7 +160,13 @@ class Collector:
         self.config = config or CollectorConfig()
         self.metrics = metrics or CollectorMetrics()
         self._stop = asyncio.Event()
-        self._buffer: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=1)
+        # Holds as many batches as one transaction takes, so batches leased while
+        # a transaction is written are merged into the next one.
+        self._buffer: asyncio.Queue[_Batch | None] = asyncio.Queue(
+            maxsize=max(1, -(-self.config.max_transaction_rows // self.config.batch_size))
+        )
+        self._carried: collections.deque[_Batch | None] = collections.deque()
+        self._known_gpus = KnownGpus()
         self._in_hand: set[_Batch] = set()
         self._ack_tasks: set[asyncio.Task[None]] = set()
         self._rejections = _RejectionLog(self.config.rejection_log_interval_s)
@@ -292,12 +317,13 @@ class Collector:
 
         items: list[tuple[LeasedMessage, TelemetryRecord]] = []
         rejected: dict[str, list[LeasedMessage]] = {}
-        for message in messages:
-            try:
-                items.append((message, TelemetryRecord.parse_body(message.body)))
-            except InvalidRecord as exc:
-                rejected.setdefault(exc.reason, []).append(message)
-                self._rejections.record(exc.reason, message.id, str(exc))
+        parsed = TelemetryRecord.parse_bodies([message.body for message in messages])
+        for message, outcome in zip(messages, parsed, strict=True):
+            if isinstance(outcome, InvalidRecord):
+                rejected.setdefault(outcome.reason, []).append(message)
+                self._rejections.record(outcome.reason, message.id, str(outcome))
+            else:
+                items.append((message, outcome))
 
         for reason, invalid in rejected.items():
             await self._dead_letter(reason, invalid)
@@ -333,25 +359,64 @@ class Collector:
 
     async def _store_loop(self) -> None:
         while True:
-            batch = await self._buffer.get()
-            if batch is None:
+            batches = await self._next_transaction()
+            if batches is None:
                 return
-            stored = await self._store_until_committed(batch)
-            if stored:
-                task = asyncio.create_task(self._ack(batch))
-                self._ack_tasks.add(task)
-                task.add_done_callback(self._ack_tasks.discard)
-            else:
-                await self._release(batch)
+            stored = await self._store_until_committed(batches)
+            for batch in batches:
+                if stored:
+                    # Each batch is acknowledged on its own, because one ack
+                    # request takes at most as many receipts as one lease returns.
+                    task = asyncio.create_task(self._ack(batch))
+                    self._ack_tasks.add(task)
+                    task.add_done_callback(self._ack_tasks.discard)
+                else:
+                    await self._release(batch)
 
-    async def _store_until_committed(self, batch: _Batch) -> bool:
-        """Write the batch, retrying database failures. Return False when a stop ends the retries."""
+    async def _next_transaction(self) -> list[_Batch] | None:
+        """Take the batches of the next transaction; None once leasing has ended.
+
+        Batches already buffered are merged up to ``max_transaction_rows``
+        records, and the task waits up to ``max_merge_wait_s`` for more. A batch
+        that does not fit, or the end marker, is carried over to the next call.
+        """
+        first = self._carried.popleft() if self._carried else await self._buffer.get()
+        if first is None:
+            return None
+
+        batches = [first]
+        rows = len(first.items)
+        deadline = time.monotonic() + self.config.max_merge_wait_s
+        while rows < self.config.max_transaction_rows:
+            try:
+                batch = self._buffer.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.stopping:
+                    break
+                try:
+                    batch = await asyncio.wait_for(self._buffer.get(), remaining)
+                except TimeoutError:
+                    break
+            if batch is None or rows + len(batch.items) > self.config.max_transaction_rows:
+                self._carried.append(batch)
+                break
+            batches.append(batch)
+            rows += len(batch.items)
+        return batches
+
+    async def _store_until_committed(self, batches: list[_Batch]) -> bool:
+        """Write the batches in one transaction, retrying database failures.
+
+        Returns False when a stop ends the retries.
+        """
+        records = [record for batch in batches for record in batch.records]
         attempt = 0
         deadline: float | None = None
         while True:
             started = time.perf_counter()
             try:
-                result, refused = await asyncio.to_thread(self._store_isolating, batch.records)
+                result, refused = await asyncio.to_thread(self._store_isolating, records)
             except SQLAlchemyError as exc:
                 attempt += 1
                 self.metrics.database_errors.inc()
@@ -362,9 +427,8 @@ class Collector:
                 level = logging.WARNING if attempt % 10 == 1 else logging.DEBUG
                 logger.log(
                     level,
-                    "storing a batch of %d records failed (attempt %d, %s), leases kept, "
-                    "retry in %.1f s",
-                    len(batch.records),
+                    "storing %d records failed (attempt %d, %s), leases kept, retry in %.1f s",
+                    len(records),
                     attempt,
                     _short_error(exc),
                     delay,
@@ -374,7 +438,7 @@ class Collector:
                     if time.monotonic() + delay > deadline:
                         logger.warning(
                             "database still failing at stop: returning %d messages to the queue",
-                            len(batch.receipts),
+                            len(records),
                         )
                         return False
                 await asyncio.sleep(delay)
@@ -386,11 +450,18 @@ class Collector:
             self.metrics.batch_commit_seconds.observe(time.perf_counter() - started)
             self.metrics.messages_stored.inc(result.stored)
             self.metrics.duplicates_ignored.inc(result.duplicates)
-            if batch.oldest_published_at is not None:
-                self.metrics.lag_seconds.set(max(0.0, time.time() - batch.oldest_published_at))
-            logger.debug("batch committed: %d stored, %d duplicates", result.stored, result.duplicates)
+            published = [b.oldest_published_at for b in batches if b.oldest_published_at is not None]
+            if published:
+                self.metrics.lag_seconds.set(max(0.0, time.time() - min(published)))
+            logger.debug(
+                "transaction of %d batches committed: %d stored, %d duplicates",
+                len(batches),
+                result.stored,
+                result.duplicates,
+            )
             if refused:
-                await self._dead_letter_refused(batch, refused)
+                for batch in batches:
+                    await self._dead_letter_refused(batch, refused)
             return True
 
     def _store_isolating(
@@ -402,7 +473,7 @@ class Collector:
         the error. Connection and lock failures propagate so the caller retries.
         """
         try:
-            return store_records(self.engine, records), []
+            return store_records(self.engine, records, known=self._known_gpus), []
         except (DataError, IntegrityError) as exc:
             if len(records) == 1:
                 return StoreResult(stored=0, duplicates=0), [(records[0], _short_error(exc))]
@@ -418,6 +489,8 @@ class Collector:
         self, batch: _Batch, refused: Sequence[tuple[TelemetryRecord, str]]
     ) -> None:
         errors = {id(record): error for record, error in refused}
+        if not any(id(record) in errors for _, record in batch.items):
+            return
         kept: list[tuple[LeasedMessage, TelemetryRecord]] = []
         messages: list[LeasedMessage] = []
         for message, record in batch.items:
@@ -435,6 +508,10 @@ class Collector:
     # Acknowledging
 
     async def _ack(self, batch: _Batch) -> None:
+        if not batch.items:
+            # Every message of the batch was dead-lettered instead.
+            self._forget(batch)
+            return
         try:
             results = await self.queue.ack(self.config.queue, batch.receipts)
         except QueueError as exc:

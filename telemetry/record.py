@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from datetime import datetime, timezone
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 __all__ = ["TelemetryRecord", "InvalidRecord", "TELEMETRY_QUEUE", "format_timestamp"]
 
@@ -102,6 +103,31 @@ class TelemetryRecord(BaseModel):
             first = exc.errors()[0]
             reason = "missing_field" if first["type"] == "missing" else "invalid_field"
             raise InvalidRecord(reason, _describe(exc)) from exc
+
+    @classmethod
+    def parse_bodies(cls, bodies: Sequence[Any]) -> list["TelemetryRecord | InvalidRecord"]:
+        """Validate many message bodies; return each one's record or ``InvalidRecord``.
+
+        The result has one entry per body, in order, each as ``parse_body`` would
+        return or raise it. A list of valid JSON objects is validated in one call,
+        which costs less per body than one call each.
+        """
+        if all(isinstance(body, dict) for body in bodies):
+            try:
+                return list(_RECORD_LIST.validate_python(bodies))
+            except ValidationError:
+                pass  # At least one body is invalid: find which, one by one.
+
+        results: list[TelemetryRecord | InvalidRecord] = []
+        for body in bodies:
+            try:
+                results.append(cls.parse_body(body))
+            except InvalidRecord as exc:
+                results.append(exc)
+        return results
+
+
+_RECORD_LIST = TypeAdapter(list[TelemetryRecord])
 
 
 def format_timestamp(moment: datetime) -> str:
