@@ -13,8 +13,10 @@ commits wrote. Steps 1 and 2 then skip the GPUs whose stored time range already
 covers the batch and the (GPU, metric name) pairs already stored.
 
 Samples take the driver's bulk path: one ``executemany`` of a prepared statement on
-SQLite, and on PostgreSQL a ``COPY`` into a temporary table followed by one
-``INSERT ... SELECT ... ON CONFLICT DO NOTHING``. Rows are written in key order
+SQLite. On PostgreSQL a ``COPY`` straight into ``telemetry_samples`` inside a
+savepoint, and, only when that batch holds an already stored key, a ``COPY`` into
+a temporary table followed by one ``INSERT ... SELECT ... ON CONFLICT DO
+NOTHING``. Rows are written in key order
 (GPUs by uuid, samples by idempotency key), so concurrent writers on PostgreSQL
 take row locks in the same order and do not deadlock each other.
 
@@ -71,11 +73,9 @@ _POSTGRES_CREATE_STAGING = (
     "container varchar(255), pod varchar(255), namespace varchar(255), "
     "idempotency_key varchar(255)) ON COMMIT DELETE ROWS"
 )
-_POSTGRES_COPY = (
-    f"COPY {STAGING_TABLE} ("
-    + ", ".join(f'"{name}"' if name == "timestamp" else name for name in SAMPLE_COLUMNS)
-    + ") FROM STDIN"
-)
+_COPY_COLUMNS = ", ".join(f'"{name}"' if name == "timestamp" else name for name in SAMPLE_COLUMNS)
+_POSTGRES_COPY = f"COPY {STAGING_TABLE} ({_COPY_COLUMNS}) FROM STDIN"
+_POSTGRES_COPY_DIRECT = f"COPY {SAMPLES.name} ({_COPY_COLUMNS}) FROM STDIN"
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,8 +335,9 @@ def _store_sqlite(
     return int(result.rowcount)
 
 
-# PostgreSQL: samples are copied into a session-local staging table, then moved
-# with one INSERT ... SELECT ... ON CONFLICT DO NOTHING.
+# PostgreSQL: samples are copied straight into the table. A batch with a stored
+# key is copied into a session-local staging table instead, then moved with one
+# INSERT ... SELECT ... ON CONFLICT DO NOTHING.
 
 _POSTGRES_GPU_UPSERT = _gpu_upsert(postgresql.insert(GPUS))
 _POSTGRES_METRIC_INSERT = postgresql.insert(GPU_METRICS).on_conflict_do_nothing()
@@ -367,16 +368,27 @@ def _store_postgres(
             [{"gpu_uuid": gpu_uuid, "metric_name": name} for gpu_uuid, name in pairs],
         )
 
+    # Redeliveries are rare, so the plain COPY usually succeeds. A unique key
+    # violation rolls back to the savepoint and the batch takes the staging path.
+    # Any other integrity error reaches the caller.
+    try:
+        with connection.begin_nested():
+            _copy_rows(connection, _POSTGRES_COPY_DIRECT, records)
+        return len(records)
+    except IntegrityError as exc:
+        if not isinstance(exc.orig, psycopg.errors.UniqueViolation):
+            raise
+
     # Created in every transaction (a no-op once it exists), because a rolled-back
     # transaction also rolls back the creation of the session's temporary table.
     connection.exec_driver_sql(_POSTGRES_CREATE_STAGING)
-    _copy_to_staging(connection, records)
+    _copy_rows(connection, _POSTGRES_COPY, records)
 
     result = connection.execute(_POSTGRES_SAMPLE_INSERT)
     return int(result.rowcount)
 
 
-def _copy_to_staging(connection: Connection, records: Sequence[TelemetryRecord]) -> None:
+def _copy_rows(connection: Connection, statement: str, records: Sequence[TelemetryRecord]) -> None:
     # COPY has no SQLAlchemy API, so this talks to psycopg directly and translates
     # its errors into SQLAlchemy's, as the other statements raise. The staging
     # table is emptied at commit (ON COMMIT DELETE ROWS) and a rollback discards
@@ -384,7 +396,7 @@ def _copy_to_staging(connection: Connection, records: Sequence[TelemetryRecord])
     driver_connection: Any = connection.connection.driver_connection
     try:
         with driver_connection.cursor() as cursor:
-            with cursor.copy(_POSTGRES_COPY) as copy:
+            with cursor.copy(statement) as copy:
                 for record in records:
                     copy.write_row(
                         (
@@ -405,7 +417,7 @@ def _copy_to_staging(connection: Connection, records: Sequence[TelemetryRecord])
         if broken:
             connection.invalidate(exc)
         raise DBAPIError.instance(
-            _POSTGRES_COPY, None, exc, psycopg.Error, connection_invalidated=broken
+            statement, None, exc, psycopg.Error, connection_invalidated=broken
         ) from exc
 
 

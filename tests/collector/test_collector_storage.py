@@ -152,3 +152,16 @@ def test_store_many_gpus_in_one_batch(engine: Engine) -> None:
 
     assert result == StoreResult(stored=1000, duplicates=0)
     assert _count(engine, Gpu) == 1000
+
+
+def test_store_duplicates_keep_batch_gpus(engine: Engine) -> None:
+    store_records(engine, [_record("k1")])
+
+    # The stored key sends the batch past the plain insert to the conflict-ignoring one,
+    # which must keep the batch's new GPU and its later samples.
+    result = store_records(engine, [_record("k1"), _record("k2", uuid="GPU-b"), _record("k3", uuid="GPU-b")])
+
+    assert result == StoreResult(stored=2, duplicates=1)
+    assert _count(engine, TelemetrySample) == 3
+    assert _count(engine, Gpu) == 2
+    assert _count(engine, GpuMetric) == 2
