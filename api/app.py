@@ -10,7 +10,7 @@ from sqlalchemy.engine import Engine
 
 from api.database import ENGINE_EXTENSION
 from api.gpus import gpus_blueprint
-from api.health import METRICS_EXTENSION, health_blueprint
+from api.health import DOCS_ASSETS_PATH, METRICS_EXTENSION, health_blueprint
 from api.metrics import RequestMetrics
 from api.problems import register_error_handlers
 from api.schemas import ProblemSchema
@@ -81,6 +81,10 @@ def create_app(
         VALIDATION_ERROR_SCHEMA=ProblemSchema,
         HTTP_ERROR_SCHEMA=ProblemSchema,
         AUTO_SERVERS=False,
+        SWAGGER_UI_CSS=f"{DOCS_ASSETS_PATH}/swagger-ui.css",
+        SWAGGER_UI_BUNDLE_JS=f"{DOCS_ASSETS_PATH}/swagger-ui-bundle.js",
+        SWAGGER_UI_STANDALONE_PRESET_JS=f"{DOCS_ASSETS_PATH}/swagger-ui-standalone-preset.js",
+        DOCS_FAVICON=f"{DOCS_ASSETS_PATH}/favicon-32x32.png",
         DESCRIPTION=(
             "Read-only access to GPU telemetry collected by the pipeline. "
             "Errors are RFC 9457 problem details. Routes under /api/v1 need "

@@ -1,4 +1,4 @@
-"""Liveness, readiness and Prometheus metrics endpoints; they need no token."""
+"""Liveness, readiness and Prometheus metrics endpoints and the Swagger UI files; they need no token."""
 
 from __future__ import annotations
 
@@ -6,14 +6,19 @@ from typing import Any
 
 from apiflask import APIBlueprint, Schema
 from apiflask.fields import String
-from flask import Response, current_app
+from flask import Response, current_app, send_from_directory
+from swagger_ui_bundle import swagger_ui_path
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.database import get_engine
 from api.problems import RETRY_AFTER_S, log_database_error, problem_response
 from api.queries import probe_tables
 
-__all__ = ["METRICS_EXTENSION", "health_blueprint"]
+__all__ = ["DOCS_ASSETS_PATH", "METRICS_EXTENSION", "health_blueprint"]
+
+#: URL prefix of the Swagger UI files that ``/docs`` loads, served from the
+#: swagger-ui-bundle package so the page works without internet access.
+DOCS_ASSETS_PATH = "/docs/assets"
 
 #: Key of the ``RequestMetrics`` in ``app.extensions``.
 METRICS_EXTENSION = "telemetry_request_metrics"
@@ -75,3 +80,10 @@ _METRICS_RESPONSES: dict[int | str, dict[str, str | dict[str, dict[str, Any]]]] 
 def metrics() -> Response:
     """Return the request metrics in the Prometheus text format."""
     return current_app.extensions[METRICS_EXTENSION].render()  # type: ignore[no-any-return]
+
+
+@health_blueprint.get(f"{DOCS_ASSETS_PATH}/<path:filename>")
+@health_blueprint.doc(hide=True)
+def docs_asset(filename: str) -> Response:
+    """Return one Swagger UI file; unknown names are a 404."""
+    return send_from_directory(swagger_ui_path, filename, max_age=86400)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from api_test_data import GPU_UUID
 from flask.testing import FlaskClient
 
@@ -57,3 +59,20 @@ def test_docs_serves_swagger_ui(client: FlaskClient) -> None:
 
     assert response.status_code == 200
     assert "swagger" in response.get_data(as_text=True).lower()
+
+
+def test_docs_loads_only_local_assets(client: FlaskClient) -> None:
+    page = client.get("/docs").get_data(as_text=True)
+    links = re.findall(r'(?:src|href)="([^"]+)"', page)
+
+    assert links
+    assert not [link for link in links if "://" in link]
+    for link in links:
+        with client.get(link) as asset:
+            assert asset.status_code == 200, link
+            assert len(asset.get_data()) > 0, link
+
+
+def test_docs_asset_unknown_is_404(client: FlaskClient) -> None:
+    assert client.get("/docs/assets/missing.js").status_code == 404
+    assert client.get("/docs/assets/../__init__.py").status_code == 404
