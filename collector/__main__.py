@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from sqlalchemy.engine import make_url
 
 from collector.http import HealthServer
+from collector.push import add_push_arguments, push_settings, run_push_mode
 from collector.worker import Collector, CollectorConfig
 from telemetry.database import DEFAULT_DATABASE_URL, make_engine
 from telemetry.queue_client import QueueClient
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.upper,
         help="log level (COLLECTOR_LOG_LEVEL, default %(default)s)",
     )
+    add_push_arguments(parser)
     return parser
 
 
@@ -183,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_transaction_rows=args.max_transaction_rows,
             max_merge_wait_s=args.max_merge_wait_s,
         )
+        push = push_settings(args) if args.mode == "push" else None
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -195,7 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.queue_urls,
         make_url(args.database_url).render_as_string(hide_password=True),
     )
-    asyncio.run(serve(args, config))
+    if push is None:
+        asyncio.run(serve(args, config))
+        return 0
+    logger.info("push mode: serving the webhook on %s:%d", args.host, args.port)
+    asyncio.run(run_push_mode(args, push))
     return 0
 
 

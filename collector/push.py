@@ -425,7 +425,13 @@ async def serve_push(settings: PushSettings, engine: Engine, queue: QueueClient)
     The server listens before registering, so the first delivery finds it.
     """
     receiver = PushReceiver(engine, secrets=settings.secrets)
-    server = WebhookServer(receiver, host=settings.host, port=settings.port)
+    try:
+        server = WebhookServer(receiver, host=settings.host, port=settings.port)
+    except OSError as exc:
+        raise SystemExit(
+            f"telemetry-collector: cannot listen on {settings.host}:{settings.port} ({exc}); "
+            "set COLLECTOR_PORT to a free port, or 0 for any free port"
+        ) from exc
     stop = asyncio.Event()
 
     def on_signal(signum: int) -> None:

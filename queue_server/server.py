@@ -21,6 +21,8 @@ from granian.server.embed import Server
 from queue_server.auth import load_tokens
 from queue_server.errors import StorageError
 from queue_server.http.app import create_app
+from queue_server.push.guard import EndpointGuard
+from queue_server.push.service import PushService
 from queue_server.service import QueueService, ServiceOptions
 from queue_server.settings import Settings
 
@@ -32,10 +34,13 @@ SHUTDOWN_GRACE_S = 10.0
 CONNECTION_CLOSE_TIMEOUT_S = 3
 
 #: Larger HTTP/2 flow-control windows than the default let 281 KB publish batches flow without stalls.
+#: A 1 MiB maximum frame size lets a client send such a batch as one DATA frame
+#: instead of 16 KiB frames, each of which costs a Python HTTP/2 client a socket write.
 HTTP2 = HTTP2Settings(
     initial_connection_window_size=8 * 1024 * 1024,
     initial_stream_window_size=4 * 1024 * 1024,
     max_concurrent_streams=200,
+    max_frame_size=1024 * 1024,
 )
 
 
@@ -73,6 +78,11 @@ async def serve(settings: Settings) -> int:
     except OSError as exc:
         logger.error("cannot serve on %s:%d: %s", settings.host, settings.port, exc)
         return 1
+    # Created before ``open``, which replays the subscriptions into it.
+    guard = EndpointGuard(
+        allowed_networks=settings.push_allowed_networks, allowed_hosts=settings.push_allowed_hosts
+    )
+    push = PushService(service, guard=guard)
     # Recovery runs on a thread so that a SIGTERM during it is noted and ends the
     # start-up cleanly once the log has been read.
     loop = asyncio.get_running_loop()
@@ -89,7 +99,8 @@ async def serve(settings: Settings) -> int:
         await service.close()
         return 0
     await service.start()
-    app = create_app(service, tokens)
+    push.start()
+    app = create_app(service, tokens, push=push)
     server = build_server(settings, app)
     # granian waits for idle HTTP/2 connections to close when it stops; this bounds
     # the wait, after which the worker is cancelled and its connections dropped.
@@ -134,6 +145,11 @@ async def serve(settings: Settings) -> int:
         settings.data_dir,
         settings.fsync.value,
     )
+    if settings.push_allowed_networks or settings.push_allowed_hosts:
+        logger.info(
+            "push subscriptions may deliver to %s",
+            ", ".join([*(str(network) for network in settings.push_allowed_networks), *settings.push_allowed_hosts]),
+        )
     try:
         await server.serve()
     except TimeoutError:
@@ -145,6 +161,9 @@ async def serve(settings: Settings) -> int:
         logger.error("cannot serve on %s:%d: %s", settings.host, settings.port, exc)
         return 1
     finally:
+        # NOTE: the service stops accepting acks at the signal, so a batch whose
+        # POST is still in flight is delivered again after a restart.
+        await push.close()
         await service.close()
     logger.info("queue server stopped")
     return 0

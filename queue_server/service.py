@@ -44,6 +44,8 @@ class Extension:
     handlers: dict[RecordType, Callable[[dict[str, Any]], None]]
     checkpoint: Callable[[], Any]
     restore: Callable[[Any], None]
+    #: Called when a queue is deleted; returns records to log before the deletion's own.
+    queue_deleted: Callable[[str], list[bytes]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +206,10 @@ class QueueService:
     async def delete_queue(self, name: str) -> None:
         self._check_accepting()
         self.broker.delete_queue(name)
+        for extension in self._extensions.values():
+            if extension.queue_deleted is not None:
+                for payload in extension.queue_deleted(name):
+                    self._append(payload)
         _, end = self._append(encode_json(RecordType.QUEUE_DELETE, {"name": name}))
         self._wake(name)
         logger.info("queue %r deleted", name)

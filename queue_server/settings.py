@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from queue_server.push.guard import IPNetwork, normalize_host, parse_networks
 from queue_server.wal.log import DEFAULT_SEGMENT_BYTES, FsyncPolicy
 from telemetry.settings import SettingsError, env_float, env_int, env_str
 
@@ -28,6 +29,10 @@ class Settings:
     tls_cert: Path | None
     tls_key: Path | None
     log_level: str
+    #: Non-global networks that push subscription endpoints may use (loopback, private ranges).
+    push_allowed_networks: tuple[IPNetwork, ...] = ()
+    #: Host names that push subscription endpoints may use whatever non-global address they resolve to.
+    push_allowed_hosts: tuple[str, ...] = ()
 
 
 def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -101,6 +106,20 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default=Path(environ["QUEUE_TLS_KEY"]) if environ.get("QUEUE_TLS_KEY") else None,
         help="PEM private key of --tls-cert (QUEUE_TLS_KEY)",
     )
+    add(
+        "--push-allowed-networks",
+        default=env_str("QUEUE_PUSH_ALLOWED_NETWORKS", "", environ),
+        help="comma-separated CIDR networks outside the public internet (loopback, private ranges) that "
+        "push subscription endpoints may resolve to; link-local and cloud metadata addresses stay "
+        "rejected (QUEUE_PUSH_ALLOWED_NETWORKS, default none)",
+    )
+    add(
+        "--push-allowed-hosts",
+        default=env_str("QUEUE_PUSH_ALLOWED_HOSTS", "", environ),
+        help="comma-separated host names, matched exactly, that push subscription endpoints may use "
+        "whatever loopback or private address they resolve to, such as a Kubernetes Service name; "
+        "link-local and cloud metadata addresses stay rejected (QUEUE_PUSH_ALLOWED_HOSTS, default none)",
+    )
     add("--log-level", default=env_str("QUEUE_LOG_LEVEL", "INFO", environ), help="log level (QUEUE_LOG_LEVEL, default INFO)")
     return parser
 
@@ -122,6 +141,18 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
         raise SettingsError(f"QUEUE_FSYNC_INTERVAL_S={args.fsync_interval_s!r} is invalid: expected a positive number")
     if args.segment_bytes < 4096:
         raise SettingsError(f"QUEUE_SEGMENT_BYTES={args.segment_bytes!r} is invalid: expected at least 4096")
+    entries = [entry for entry in args.push_allowed_networks.split(",") if entry.strip()]
+    try:
+        push_allowed_networks = tuple(parse_networks(entries))
+    except ValueError as exc:
+        raise SettingsError(f"QUEUE_PUSH_ALLOWED_NETWORKS is invalid: {exc}") from exc
+    push_allowed_hosts = tuple(normalize_host(host) for host in args.push_allowed_hosts.split(",") if host.strip())
+    for host in push_allowed_hosts:
+        if "/" in host or ":" in host or " " in host:
+            raise SettingsError(
+                f"QUEUE_PUSH_ALLOWED_HOSTS entry {host!r} is invalid: expected a host name such as "
+                "collector.telemetry.svc, without scheme, port or path"
+            )
     return Settings(
         host=args.host,
         port=args.port,
@@ -135,4 +166,6 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         log_level=args.log_level.upper(),
+        push_allowed_networks=push_allowed_networks,
+        push_allowed_hosts=push_allowed_hosts,
     )

@@ -33,6 +33,8 @@ from queue_server.http.requests import (
     require_object,
 )
 from queue_server.metrics import build_registry
+from queue_server.push.routes import subscription_routes
+from queue_server.push.service import PushService
 from queue_server.service import QueueService
 
 logger = logging.getLogger(__name__)
@@ -76,13 +78,18 @@ def queue_json(queue: Queue, now: float) -> dict[str, Any]:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def create_app(service: QueueService, tokens: Tokens, *, manage_service: bool = False) -> Starlette:
-    """Build the application over ``service``.
+def create_app(
+    service: QueueService, tokens: Tokens, *, manage_service: bool = False, push: PushService | None = None
+) -> Starlette:
+    """Build the application over ``service``, with the subscription API of ``push`` when given.
 
-    With ``manage_service=True`` the app's lifespan opens the service at start-up
-    and closes it at shutdown (used by in-process tests); otherwise the caller does.
+    With ``manage_service=True`` the app's lifespan opens the service and starts
+    ``push`` at start-up, and closes both at shutdown, as in-process tests need.
+    Otherwise the caller does.
     """
     registry = build_registry(service)
+    if push is not None:
+        push.metrics.register(registry)
 
     def guarded(scope: Scope | None, handler: Handler) -> Handler:
         async def endpoint(request: Request) -> Response:
@@ -211,18 +218,24 @@ def create_app(service: QueueService, tokens: Tokens, *, manage_service: bool = 
         Route("/v1/queues/{name}/extend", guarded(Scope.CONSUME, extend), methods=["POST"]),
         Route("/v1/queues/{name}/redrive", guarded(Scope.ADMIN, redrive), methods=["POST"]),
     ]
+    if push is not None:
+        routes.extend(subscription_routes(push, guarded))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if manage_service:
             service.open()
             await service.start()
+            if push is not None:
+                push.start()
         elif not service.ready:
             await service.start()
         try:
             yield
         finally:
             if manage_service:
+                if push is not None:
+                    await push.close()
                 await service.close()
 
     return Starlette(routes=routes, lifespan=lifespan)
