@@ -73,7 +73,6 @@ class Stack:
             STREAMER_RESPAWN="true",
             CIRCUS_PORT=str(self.circus_port),
             CIRCUS_PUBSUB_PORT=str(free_port()),
-            CIRCUS_STATS_PORT=str(free_port()),
             DATABASE_URL=self.database_url,
             QUEUE_PORT=str(self.queue_port),
             QUEUE_DATA_DIR=str(self.data_dir / "queue"),

@@ -139,6 +139,29 @@ def stop_streamers_and_drain(stack: Stack) -> None:
     wait_until(drained, timeout_s=120, what="the telemetry queue to drain")
 
 
+def complete_passes(database_url: str, rows: int) -> int:
+    """Return how many passes every one of ``rows`` lines has stored (0 while a line has none)."""
+    counts = Counter(key.rsplit(":", 1)[1] for key in stored_keys(database_url))
+    if len(counts) < rows:
+        return 0
+    return min(counts.values())
+
+
+def wait_for_more_passes(database_url: str, rows: int, more: int, *, timeout_s: float = 120) -> int:
+    """Wait until every line has ``more`` passes beyond those complete now; return the new count.
+
+    The tests wait for stored passes rather than for a fixed time, so a slow
+    machine makes them take longer instead of failing.
+    """
+    target = complete_passes(database_url, rows) + more
+    wait_until(
+        lambda: complete_passes(database_url, rows) >= target,
+        timeout_s=timeout_s,
+        what=f"every row stored in {target} passes",
+    )
+    return target
+
+
 def assert_complete_passes(database_url: str, rows: int, *, min_passes: int) -> None:
     """Each row is stored once for every pass from 0 up to where streaming stopped.
 
@@ -172,15 +195,15 @@ def test_scaling_while_running(
     stack.scale("collector", 4)
     wait_until(lambda: len(stack.pids("streamer")) == 3, timeout_s=30, what="3 streamers")
     wait_until(lambda: len(stack.pids("collector")) == 4, timeout_s=30, what="4 collectors")
-    time.sleep(6)
+    wait_for_more_passes(sqlite_url, REAL_ROWS, 2)
     stack.scale("streamer", 1)
     stack.scale("collector", 2)
     wait_until(lambda: len(stack.pids("streamer")) == 1, timeout_s=30, what="1 streamer")
     wait_until(lambda: len(stack.pids("collector")) == 2, timeout_s=30, what="2 collectors")
-    time.sleep(6)
+    reached = wait_for_more_passes(sqlite_url, REAL_ROWS, 2)
 
     stop_streamers_and_drain(stack)
-    assert_complete_passes(sqlite_url, REAL_ROWS, min_passes=5)
+    assert_complete_passes(sqlite_url, REAL_ROWS, min_passes=reached)
 
 
 def test_queue_and_collector_killed(
@@ -208,10 +231,10 @@ def test_queue_and_collector_killed(
         lambda: sample_count(sqlite_url) > before, timeout_s=60, what="ingest after the queue restart"
     )
     os.kill(stack.pids("collector")[0], signal.SIGKILL)
-    time.sleep(6)
+    reached = wait_for_more_passes(sqlite_url, REAL_ROWS, 2)
 
     stop_streamers_and_drain(stack)
-    assert_complete_passes(sqlite_url, REAL_ROWS, min_passes=3)
+    assert_complete_passes(sqlite_url, REAL_ROWS, min_passes=reached)
 
 
 def test_bad_rows_end_to_end(
@@ -301,5 +324,6 @@ def test_database_outage(
         timeout_s=30,
         what="the API to be ready again",
     )
+    reached = wait_for_more_passes(database_url, REAL_ROWS, 1)
     stop_streamers_and_drain(stack)
-    assert_complete_passes(database_url, REAL_ROWS, min_passes=3)
+    assert_complete_passes(database_url, REAL_ROWS, min_passes=reached)
