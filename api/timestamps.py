@@ -20,6 +20,9 @@ _RFC3339 = re.compile(
     r"(?P<offset>[Zz]|[+-]\d{2}:\d{2})"
 )
 
+# A date-time whose '+hh:mm' offset lost its '+' to query-string decoding.
+_PLUS_AS_SPACE = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)? \d{2}:\d{2}")
+
 
 class InvalidTimestamp(ValueError):
     """A string that is not an RFC 3339 date-time with a UTC offset."""
@@ -43,9 +46,13 @@ def parse_rfc3339(text: str, rounding: Rounding = Rounding.DOWN) -> datetime:
     """
     match = _RFC3339.fullmatch(text)
     if match is None:
+        hint = ""
+        if _PLUS_AS_SPACE.fullmatch(text):
+            # A '+' left unescaped in a query string arrives as a space.
+            hint = "; a '+' in a URL query string must be sent as %2B"
         raise InvalidTimestamp(
             f"{text!r} is not an RFC 3339 date-time: expected a form such as "
-            "'2025-07-18T20:42:34Z' or '2025-07-18T22:42:34.5+02:00'"
+            f"'2025-07-18T20:42:34Z' or '2025-07-18T22:42:34.5+02:00'{hint}"
         )
 
     fraction = match["fraction"] or ""

@@ -40,6 +40,7 @@ def assert_problem(response, status: int, *fragments: str) -> None:  # type: ign
         ),
         ("start_time=0001-01-01T00:00:00%2B01:00", ["start_time='0001-01-01T00:00:00+01:00'"]),
         ("end_time=2025-07-18T20:00:00%2B24:00", ["end_time='2025-07-18T20:00:00+24:00'"]),
+        ("start_time=2025-07-18T20:00:00+02:00", ["'2025-07-18T20:00:00 02:00'", "must be sent as %2B"]),
         (
             "start_time=2025-07-18T20:00:10Z&end_time=2025-07-18T20:00:00Z",
             ["start_time '2025-07-18T20:00:10.000000Z' is after end_time '2025-07-18T20:00:00.000000Z'"],
@@ -62,6 +63,7 @@ def assert_problem(response, status: int, *fragments: str) -> None:  # type: ign
         "impossible-date",
         "time-out-of-range",
         "offset-out-of-range",
+        "offset-plus-unescaped",
         "start-after-end",
         "limit-zero",
         "limit-too-large",
