@@ -90,6 +90,10 @@ class StreamerConfig:
     lease_timeout_s: float = 10.0
     lease_wait_s: float = 1.0
     reject_log_interval_s: float = 10.0
+    #: How long a streamer that leases only shards of another file hands them back
+    #: before it drops them, so that a control queue left over from an earlier
+    #: file, or from this file before it changed, does not stall streaming forever.
+    foreign_takeover_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
@@ -103,6 +107,8 @@ class StreamerConfig:
             raise StreamerError(f"rows per shard must be at least 1, got {self.rows_per_shard!r}")
         if self.lease_timeout_s < 2:
             raise StreamerError(f"lease timeout must be at least 2 s, got {self.lease_timeout_s!r}")
+        if self.foreign_takeover_s <= 0:
+            raise StreamerError(f"foreign shard takeover time must be positive, got {self.foreign_takeover_s!r}")
 
 
 class Streamer:
@@ -136,6 +142,9 @@ class Streamer:
         )
         self._last_lag_log = float("-inf")
         self._last_mismatch_log = float("-inf")
+        # When this streamer began leasing only shards of other files; None after an own shard.
+        self._foreign_since: float | None = None
+        self._took_over = False
         self._header: CsvHeader | None = None
 
     @property
@@ -175,9 +184,12 @@ class Streamer:
                 await self._handle(leased[0], header, file_size)
                 continue
             if await self._control_queue_empty():
-                if self.config.passes:
+                if self.config.passes and not self._took_over:
                     logger.info("every shard of the last pass is done: stopping")
                     break
+                # After a takeover the queue is empty because foreign shards were
+                # dropped, not because this file's passes are done.
+                self._took_over = False
                 await self._join_or_create_run(header, file_size)
         self.ready = False
 
@@ -307,6 +319,7 @@ class Streamer:
         if shard.source != self._source or shard.file_size != file_size:
             await self._hand_back_foreign(leased, shard, file_size)
             return
+        self._foreign_since = None
         if self._stop.is_set():
             await self._finish(leased, shard, ShardOutcome.STOPPED)
             return
@@ -361,19 +374,49 @@ class Streamer:
         logger.debug("completed shard %d pass %d", shard.index, shard.pass_index)
 
     async def _hand_back_foreign(self, leased: LeasedMessage, shard: ShardMessage, file_size: int) -> None:
+        """Hand a shard of another file back to the queue, or drop it once the takeover time has passed.
+
+        Streamers of two files sharing one control queue is a misconfiguration, but
+        a queue left over from an earlier file is not: nobody serves its shards any
+        more. After ``foreign_takeover_s`` with no shard of its own, the streamer
+        drops the foreign shards, and once the queue is empty it creates a run of
+        its own file.
+        """
+        queue = self.config.control_queue
         now = time.monotonic()
+        if self._foreign_since is None:
+            self._foreign_since = now
+        waited = now - self._foreign_since
+        if waited >= self.config.foreign_takeover_s:
+            logger.warning(
+                "dropping shard %d pass %d of %s (%d bytes) from queue %s: for %.0f s this streamer "
+                "leased only shards of other files, so the queue now streams %s (%d bytes)",
+                shard.index,
+                shard.pass_index,
+                shard.source,
+                shard.file_size,
+                queue,
+                waited,
+                self._source,
+                file_size,
+            )
+            await self.queue.ack(queue, [leased.receipt])
+            self._took_over = True
+            return
         if now - self._last_mismatch_log >= 10.0:
             self._last_mismatch_log = now
             logger.error(
                 "queue %s contains shards of %s (%d bytes), but this streamer reads %s (%d bytes); "
-                "give each CSV file its own control queue",
-                self.config.control_queue,
+                "give each CSV file its own control queue. Shards of other files are dropped "
+                "after %.0f s without a shard of this file",
+                queue,
                 shard.source,
                 shard.file_size,
                 self._source,
                 file_size,
+                self.config.foreign_takeover_s,
             )
-        await self.queue.nack(self.config.control_queue, [leased.receipt], delay_s=1.0)
+        await self.queue.nack(queue, [leased.receipt], delay_s=1.0)
 
     def _report_lag(self, shard: ShardMessage) -> None:
         if shard.interval_s == 0:

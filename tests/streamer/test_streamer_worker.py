@@ -189,6 +189,29 @@ async def test_foreign_shard_left_for_others(fake_queue: FakeQueue, small_csv: P
     assert {(shard.source, shard.index) for shard in left} == {("other.csv", 0), ("other.csv", 1)}
 
 
+async def test_foreign_shards_dropped_after_takeover_time(fake_queue: FakeQueue, small_csv: Path) -> None:
+    plan = [[100, 200, 2], [200, 300, 4]]
+    foreign = RunMessage(
+        run_id="r1", source="other.csv", file_size=999, passes=0, run_start=time.time(), interval_s=1, shards=plan
+    )
+    await fake_queue.create_queue(CONTROL_QUEUE)
+    await fake_queue.publish(CONTROL_QUEUE, [OutgoingMessage(body=foreign.to_body(), key="run:other")])
+    streamer = Streamer(fake_queue, config(small_csv, passes=1, foreign_takeover_s=0.3))  # type: ignore[arg-type]
+
+    await asyncio.wait_for(streamer.run(), timeout=10)
+
+    records = published_records(fake_queue)
+    assert len(records) == 80
+    assert {line_and_pass(record)[1] for record in records} == {0}
+    assert all(record.key.startswith("small.csv:") for record in records)
+    assert fake_queue.queues[CONTROL_QUEUE].messages == {}
+
+
+def test_foreign_takeover_time_must_be_positive(small_csv: Path) -> None:
+    with pytest.raises(StreamerError, match="takeover"):
+        config(small_csv, foreign_takeover_s=0)
+
+
 async def test_rate_limiter_spreads_batches() -> None:
     now = [0.0]
     slept: list[float] = []
