@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -98,6 +101,20 @@ def load_wsgi_app(settings: ApiSettings, _target: object = None) -> Callable[...
 
 def serve(settings: ApiSettings) -> None:
     """Run granian until SIGTERM or SIGINT."""
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Set before any worker imports prometheus_client, which reads it at import.
+        metrics_dir = tempfile.mkdtemp(prefix="telemetry-api-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        try:
+            _serve(settings)
+        finally:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        return
+    _serve(settings)
+
+
+def _serve(settings: ApiSettings) -> None:
     from granian.constants import Interfaces
     from granian.log import LogLevels
     from granian.server import Server

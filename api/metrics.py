@@ -5,11 +5,15 @@ path, so their number stays bounded. A request that matched no route is
 labelled ``unmatched``. Each application has its own registry, so several test
 applications in one process do not collide.
 
-With several worker processes each worker counts only its own requests.
+With several worker processes, ``telemetry-api`` sets ``PROMETHEUS_MULTIPROC_DIR``
+before the workers start. prometheus-client then keeps every worker's values in
+files in that folder, and ``render`` adds them up, so one scrape counts the
+requests of all workers.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 from flask import Flask, Response, g, request
@@ -20,6 +24,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = ["RequestMetrics"]
 
@@ -52,8 +57,12 @@ class RequestMetrics:
         app.after_request(self._record)
 
     def render(self) -> Response:
-        """Return the metrics in the Prometheus text format."""
-        return Response(generate_latest(self.registry), content_type=CONTENT_TYPE_LATEST)
+        """Return the metrics in the Prometheus text format, summed over worker processes when there are several."""
+        registry = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
     @staticmethod
     def _start() -> None:

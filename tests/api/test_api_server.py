@@ -105,3 +105,46 @@ def test_served_process_answers_and_stops(tmp_path: Path) -> None:
             output, _ = process.communicate()
     assert process.returncode == 0, output.decode(errors="replace")
     assert b"Listening at" in output
+
+
+def healthz_requests_counted(metrics_text: str) -> float:
+    """Sum the request counter of GET /healthz with status 200 in a Prometheus text scrape."""
+    prefix = 'api_http_requests_total{method="GET",route="/healthz",status="200"}'
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines() if line.startswith(prefix))
+
+
+def test_metrics_sum_every_worker(tmp_path: Path) -> None:
+    database_url = f"sqlite:///{tmp_path / 'telemetry.db'}"
+    engine = make_engine(database_url)
+    metadata.create_all(engine)
+    engine.dispose()
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    environment = {
+        key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"
+    }
+    environment.update(
+        {"DATABASE_URL": database_url, "API_HOST": "127.0.0.1", "API_PORT": str(port), "API_WORKERS": "2"}
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "api"], env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_until_healthy(base_url, process)
+        # A new connection per request, so that both workers take some of them.
+        for _ in range(40):
+            assert httpx.get(f"{base_url}/healthz", timeout=5.0).status_code == 200
+        scrapes = [httpx.get(f"{base_url}/metrics", timeout=5.0).text for _ in range(4)]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            output, _ = process.communicate(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+
+    # wait_until_healthy sent at least one more /healthz request before the 40.
+    counts = [healthz_requests_counted(text) for text in scrapes]
+    assert all(count >= 41 for count in counts), counts
+    assert len(set(counts)) == 1, counts
+    assert process.returncode == 0, output.decode(errors="replace")
