@@ -14,10 +14,11 @@ import sys
 from collections.abc import Sequence
 
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from collector.http import HealthServer
 from collector.push import add_push_arguments, push_settings, run_push_mode
-from collector.worker import Collector, CollectorConfig
+from collector.worker import Collector, CollectorConfig, InvalidConfig
 from telemetry.database import DEFAULT_DATABASE_URL, make_engine
 from telemetry.queue_client import QueueClient
 from telemetry.record import TELEMETRY_QUEUE
@@ -26,6 +27,25 @@ from telemetry.settings import SettingsError, env_bool, env_float, env_int, env_
 logger = logging.getLogger("collector")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MODES = ("pull", "push")
+
+#: The environment variable and flag that set each validated option.
+OPTION_SOURCES = {
+    "queue_urls": ("COLLECTOR_QUEUE_URLS", "--queue-urls"),
+    "batch_size": ("COLLECTOR_BATCH_SIZE", "--batch-size"),
+    "max_transaction_rows": ("COLLECTOR_MAX_TRANSACTION_ROWS", "--max-transaction-rows"),
+    "max_merge_wait_s": ("COLLECTOR_MAX_MERGE_WAIT_S", "--max-merge-wait-s"),
+    "wait_s": ("COLLECTOR_WAIT_S", "--wait-s"),
+    "visibility_timeout_s": ("COLLECTOR_VISIBILITY_TIMEOUT_S", "--visibility-timeout-s"),
+    "stop_timeout_s": ("COLLECTOR_STOP_TIMEOUT_S", "--stop-timeout-s"),
+    "port": ("COLLECTOR_PORT", "--port"),
+    "log_level": ("COLLECTOR_LOG_LEVEL", "--log-level"),
+    "mode": ("COLLECTOR_MODE", "--mode"),
+    "push_max_concurrency": ("COLLECTOR_PUSH_MAX_CONCURRENCY", "--push-max-concurrency"),
+    "push_timeout_s": ("COLLECTOR_PUSH_TIMEOUT_S", "--push-timeout-s"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,15 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--port",
         type=int,
         default=env_int("COLLECTOR_PORT", 9102),
-        help="port of the health and metrics endpoints, 0 picks a free port "
+        help="port of the health and metrics endpoints, 0 to 65535; 0 picks a free port "
         "(COLLECTOR_PORT, default %(default)s)",
     )
     parser.add_argument(
         "--log-level",
         default=env_str("COLLECTOR_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         type=str.upper,
-        help="log level (COLLECTOR_LOG_LEVEL, default %(default)s)",
+        help="log level: DEBUG, INFO, WARNING or ERROR (COLLECTOR_LOG_LEVEL, default %(default)s)",
     )
     add_push_arguments(parser)
     return parser
@@ -166,6 +185,43 @@ def _on_signal(collector: Collector, signum: int) -> None:
     collector.request_stop()
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Check the options that ``CollectorConfig`` and ``push_settings`` leave unchecked.
+
+    Raise ``InvalidConfig`` for an option out of range, or ``ValueError`` for an
+    unparsable database URL.
+
+    Flag values of ``--log-level`` and ``--mode`` are checked here rather than by
+    argparse ``choices``, because argparse does not check a default taken from the
+    environment.
+    """
+    if args.log_level not in LOG_LEVELS:
+        raise InvalidConfig("log_level", args.log_level, "one of " + ", ".join(LOG_LEVELS))
+    if args.mode not in MODES:
+        raise InvalidConfig("mode", args.mode, "one of " + ", ".join(MODES))
+    if not 0 <= args.port <= 65535:
+        raise InvalidConfig("port", args.port, "0 to 65535")
+    if not [url for url in args.queue_urls.split(",") if url.strip()]:
+        raise InvalidConfig("queue_urls", args.queue_urls, "one or more comma-separated URLs")
+    try:
+        make_url(args.database_url)
+    except ArgumentError as exc:
+        # The URL is left out of the message because it may contain a password.
+        raise ValueError(
+            "DATABASE_URL / --database-url is invalid: expected an SQLAlchemy URL such as "
+            "sqlite:///data/telemetry.db or postgresql://user@host/dbname"
+        ) from exc
+
+
+def invalid_option_message(error: InvalidConfig) -> str:
+    """Return ``error`` as a message naming the environment variable and flag of its option."""
+    sources = OPTION_SOURCES.get(error.field)
+    if sources is None:
+        return str(error)
+    variable, flag = sources
+    return f"{variable} / {flag} = {error.value!r} is invalid: expected {error.expected}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the settings, configure logging and run the collector. Return the exit status."""
     try:
@@ -176,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
+        check_options(args)
         config = CollectorConfig(
             queue=args.queue,
             batch_size=args.batch_size,
@@ -186,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_merge_wait_s=args.max_merge_wait_s,
         )
         push = push_settings(args) if args.mode == "push" else None
+    except InvalidConfig as exc:
+        parser.error(invalid_option_message(exc))
     except ValueError as exc:
         parser.error(str(exc))
 

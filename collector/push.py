@@ -1,8 +1,9 @@
 """Push mode: the collector is the webhook endpoint of a queue push subscription.
 
 ``POST /webhook`` receives a batch signed as Standard Webhooks do. The
-collector answers:
+collector answers (every error as ``application/problem+json``):
 
+- 413 when the body is larger than ``MAX_BODY_BYTES``;
 - 401 when the signature does not match a configured secret or the
   ``webhook-timestamp`` is more than 5 minutes away from its clock; nothing is stored;
 - 400 when the body is not a JSON batch (``{"messages": [...]}``);
@@ -32,15 +33,16 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from http import HTTPStatus
 from typing import Any
 
 import orjson
 import uvicorn
 from prometheus_client import Counter
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -48,6 +50,7 @@ from starlette.routing import Route
 from collector.http import create_health_app
 from collector.metrics import CollectorMetrics
 from collector.storage import StoreResult, store_records
+from collector.worker import InvalidConfig
 from telemetry.database import make_engine
 from telemetry.queue_client import QueueClient, QueueError
 from telemetry.record import InvalidRecord, TelemetryRecord
@@ -67,6 +70,7 @@ __all__ = [
     "WebhookServer",
     "add_push_arguments",
     "create_push_app",
+    "problem_response",
     "push_settings",
     "register_subscription",
     "run_push_mode",
@@ -76,6 +80,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 WEBHOOK_PATH = "/webhook"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
 #: Largest accepted request body: 1000 messages of a few KB each fit well below it.
 MAX_BODY_BYTES = 16 * 1024 * 1024
 #: Retry-After sent while the database fails, in seconds.
@@ -88,8 +93,8 @@ class PushReceiver:
     """Verifies and stores webhook deliveries.
 
     ``secrets`` may be replaced while serving (after registration hands out a
-    secret). It offers ``check_database``, ``database_failing`` and ``metrics``
-    like ``Collector``, so the health endpoints serve either.
+    secret). It offers ``engine``, ``database_failing`` and ``metrics`` like
+    ``Collector``, so the health endpoints serve either.
     """
 
     def __init__(
@@ -114,17 +119,17 @@ class PushReceiver:
     async def handle(self, request: Request) -> Response:
         body = await _read_body(request)
         if body is None:
-            return self._answer(413, {"detail": f"request body is larger than {MAX_BODY_BYTES} bytes"})
+            return self._problem(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
         try:
             webhook_id = verify(self.secrets, request.headers, body, now=self.clock(), tolerance_s=self.tolerance_s)
         except InvalidSignature as exc:
             self._warn(exc.reason, "rejected a webhook request: %s", exc)
-            return self._answer(401, {"detail": str(exc)})
+            return self._problem(401, str(exc))
 
         messages = _messages(body)
         if messages is None:
             self._warn("invalid_body", "webhook %s has no JSON 'messages' list", webhook_id)
-            return self._answer(400, {"detail": "expected a JSON object with a 'messages' list"})
+            return self._problem(400, "expected a JSON object with a 'messages' list")
         records, rejected = self._validate(messages)
         self.metrics.messages_leased.inc(len(messages))
         self.metrics.batch_size.observe(len(messages))
@@ -137,7 +142,7 @@ class PushReceiver:
             if not self.database_failing:
                 logger.warning("storing webhook %s failed, asking the queue to retry: %s", webhook_id, _short(exc))
             self.database_failing = True
-            return self._answer(503, {"detail": "the database is unavailable"}, retry_after=DATABASE_RETRY_AFTER_S)
+            return self._problem(503, "the database is unavailable", retry_after=DATABASE_RETRY_AFTER_S)
         if self.database_failing:
             logger.info("database writable again")
         self.database_failing = False
@@ -201,10 +206,14 @@ class PushReceiver:
         more = f" ({suppressed} more since the last warning)" if suppressed else ""
         logger.warning(message + more, *args)
 
-    def _answer(self, status: int, body: dict[str, Any], *, retry_after: int | None = None) -> Response:
+    def _answer(self, status: int, body: dict[str, Any]) -> Response:
+        self.requests.labels(str(status)).inc()
+        return JSONResponse(body, status_code=status)
+
+    def _problem(self, status: int, detail: str, *, retry_after: int | None = None) -> Response:
         self.requests.labels(str(status)).inc()
         headers = {"retry-after": str(retry_after)} if retry_after is not None else None
-        return JSONResponse(body, status_code=status, headers=headers)
+        return problem_response(status, detail, headers=headers)
 
     def _observe_lag(self, messages: list[Any]) -> None:
         published = [m.get("published_at") for m in messages if isinstance(m, dict)]
@@ -215,24 +224,28 @@ class PushReceiver:
         if times:
             self.metrics.lag_seconds.set(max(0.0, time.time() - min(times)))
 
-    async def check_database(self, timeout_s: float = 2.0) -> bool:
-        """Return whether ``SELECT 1`` succeeds within ``timeout_s`` seconds."""
-        try:
-            await asyncio.wait_for(asyncio.to_thread(self._ping_database), timeout_s)
-        except (SQLAlchemyError, TimeoutError) as exc:
-            logger.debug("database check failed: %s", exc)
-            return False
-        return True
-
-    def _ping_database(self) -> None:
-        with self.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-
 
 def create_push_app(receiver: PushReceiver) -> Starlette:
-    """Build the app of push mode: ``POST /webhook`` and the health and metrics endpoints."""
-    health = create_health_app(receiver)  # type: ignore[arg-type]
-    return Starlette(routes=[*health.routes, Route(WEBHOOK_PATH, receiver.handle, methods=["POST"])])
+    """Build the app of push mode: ``POST /webhook`` and the health and metrics endpoints.
+
+    Errors raised by routing, such as 405 for a GET of the webhook, are problem+json too.
+    """
+    health = create_health_app(receiver)
+    return Starlette(
+        routes=[*health.routes, Route(WEBHOOK_PATH, receiver.handle, methods=["POST"])],
+        exception_handlers={HTTPException: _http_exception},
+    )
+
+
+def problem_response(status: int, detail: str, headers: Mapping[str, str] | None = None) -> Response:
+    """Build an RFC 9457 problem details response (``application/problem+json``)."""
+    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
+    return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM_CONTENT_TYPE, headers=headers)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return problem_response(exc.status_code, exc.detail, headers=exc.headers)
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -338,7 +351,6 @@ def add_push_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the push-mode flags; their defaults come from the environment, read now."""
     parser.add_argument(
         "--mode",
-        choices=["pull", "push"],
         default=env_str("COLLECTOR_MODE", "pull"),
         help="pull: lease batches from the queue; push: serve POST /webhook for a queue push "
         "subscription (COLLECTOR_MODE, default %(default)s)",
@@ -377,7 +389,11 @@ def add_push_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def push_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> PushSettings:
-    """Check the push-mode options and read COLLECTOR_WEBHOOK_SECRET; raise ``ValueError`` naming a bad one."""
+    """Check the push-mode options and read COLLECTOR_WEBHOOK_SECRET.
+
+    Raise ``InvalidConfig`` for an option out of range, ``ValueError`` naming the
+    variables for a missing or invalid secret.
+    """
     environ = os.environ if environ is None else environ
     raw = environ.get("COLLECTOR_WEBHOOK_SECRET", "")
     secrets = tuple(item.strip() for item in raw.split(",") if item.strip())
@@ -392,9 +408,9 @@ def push_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = 
             "without either the collector cannot verify deliveries"
         )
     if not 1 <= args.push_max_concurrency <= 64:
-        raise ValueError(f"--push-max-concurrency={args.push_max_concurrency!r} is invalid: expected 1 to 64")
+        raise InvalidConfig("push_max_concurrency", args.push_max_concurrency, "1 to 64")
     if not 0.1 <= args.push_timeout_s <= 300:
-        raise ValueError(f"--push-timeout-s={args.push_timeout_s!r} is invalid: expected 0.1 to 300 seconds")
+        raise InvalidConfig("push_timeout_s", args.push_timeout_s, "0.1 to 300 seconds")
     return PushSettings(
         host=args.host,
         port=args.port,

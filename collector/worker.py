@@ -42,7 +42,7 @@ from collector.storage import KnownGpus, StoreResult, store_records
 from telemetry.queue_client import LeasedMessage, QueueClient, QueueError, QueueNotFound
 from telemetry.record import TELEMETRY_QUEUE, InvalidRecord, TelemetryRecord
 
-__all__ = ["Collector", "CollectorConfig"]
+__all__ = ["Collector", "CollectorConfig", "InvalidConfig"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,21 @@ REJECTED_BY_DATABASE = "rejected_by_database"
 
 #: How long a stopping collector waits for a lease request in flight, in seconds.
 STOP_LEASE_GRACE_S = 1.0
+
+
+class InvalidConfig(ValueError):
+    """A collector option with a value out of its range.
+
+    ``field`` is the option's attribute name on the parsed command line (for most
+    options also the ``CollectorConfig`` field), so the command line can name the
+    environment variable and flag that set it.
+    """
+
+    def __init__(self, field: str, value: object, expected: str) -> None:
+        super().__init__(f"{field}={value!r} is invalid: expected {expected}")
+        self.field = field
+        self.value = value
+        self.expected = expected
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,27 +92,19 @@ class CollectorConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 1000:
-            raise ValueError(f"batch_size={self.batch_size!r} is invalid: expected 1 to 1000")
+            raise InvalidConfig("batch_size", self.batch_size, "1 to 1000")
         if not 0 <= self.wait_s <= 20:
-            raise ValueError(f"wait_s={self.wait_s!r} is invalid: expected 0 to 20 seconds")
+            raise InvalidConfig("wait_s", self.wait_s, "0 to 20 seconds")
         if self.max_transaction_rows < 1:
-            raise ValueError(
-                f"max_transaction_rows={self.max_transaction_rows!r} is invalid: "
-                "expected 1 or more"
-            )
+            raise InvalidConfig("max_transaction_rows", self.max_transaction_rows, "1 or more")
         if not 0 <= self.max_merge_wait_s <= 10:
-            raise ValueError(
-                f"max_merge_wait_s={self.max_merge_wait_s!r} is invalid: expected 0 to 10 seconds"
-            )
+            raise InvalidConfig("max_merge_wait_s", self.max_merge_wait_s, "0 to 10 seconds")
         if self.concurrent_leases < 1:
-            raise ValueError(
-                f"concurrent_leases={self.concurrent_leases!r} is invalid: expected 1 or more"
-            )
+            raise InvalidConfig("concurrent_leases", self.concurrent_leases, "1 or more")
         if not 1 <= self.visibility_timeout_s <= 43200:
-            raise ValueError(
-                f"visibility_timeout_s={self.visibility_timeout_s!r} is invalid: "
-                "expected 1 to 43200 seconds"
-            )
+            raise InvalidConfig("visibility_timeout_s", self.visibility_timeout_s, "1 to 43200 seconds")
+        if self.stop_timeout_s < 0:
+            raise InvalidConfig("stop_timeout_s", self.stop_timeout_s, "0 or more seconds")
 
 
 @dataclass(eq=False)

@@ -14,12 +14,14 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from streamer.http import bind_socket, make_app, make_server
 from streamer.metrics import StreamerMetrics
-from streamer.worker import CONTROL_QUEUE, Streamer, StreamerConfig, StreamerError
+from streamer.worker import CONTROL_QUEUE, MAX_BATCH_SIZE, Streamer, StreamerConfig, StreamerError
 from telemetry.queue_client import QueueClient, QueueRequestError, RetryPolicy
 from telemetry.settings import SettingsError, env_bool, env_float, env_int, env_str
 
@@ -33,6 +35,38 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Publishes are never given up: under backpressure the streamer waits instead of
 # dropping rows. The backoff ceiling bounds how long a recovered queue stays idle.
 PUBLISH_RETRY = RetryPolicy(max_attempts=None, max_elapsed_s=None, initial_backoff_s=0.1, max_backoff_s=5.0)
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class OptionCheck:
+    """The valid values of one option, and the environment variable and flag that set it."""
+
+    attribute: str
+    variable: str
+    flag: str
+    is_valid: Callable[[Any], bool]
+    expected: str
+
+
+# NOTE: the numeric ranges repeat the checks of StreamerConfig.__post_init__, so
+# that an invalid value is reported with its variable and flag; keep both in step.
+OPTION_CHECKS = (
+    OptionCheck("queue_urls", "STREAMER_QUEUE_URLS", "--queue-urls",
+                lambda urls: any(url.strip() for url in urls.split(",")), "one or more comma-separated URLs"),
+    OptionCheck("interval", "STREAMER_INTERVAL_S", "--interval", lambda value: value >= 0, "0 or more seconds"),
+    OptionCheck("rate", "STREAMER_RATE", "--rate", lambda value: value >= 0, "0 or more rows per second"),
+    OptionCheck("batch_size", "STREAMER_BATCH_SIZE", "--batch-size",
+                lambda value: 1 <= value <= MAX_BATCH_SIZE, f"1 to {MAX_BATCH_SIZE}"),
+    OptionCheck("passes", "STREAMER_PASSES", "--passes", lambda value: value >= 0, "0 or more"),
+    OptionCheck("rows_per_shard", "STREAMER_ROWS_PER_SHARD", "--rows-per-shard", lambda value: value >= 1, "1 or more"),
+    OptionCheck("lease_timeout", "STREAMER_LEASE_TIMEOUT_S", "--lease-timeout",
+                lambda value: value >= 2, "2 or more seconds"),
+    OptionCheck("port", "STREAMER_PORT", "--port", lambda value: 0 <= value <= 65535, "0 to 65535"),
+    OptionCheck("log_level", "STREAMER_LOG_LEVEL", "--log-level",
+                lambda value: value.upper() in LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     option("--host", default=env_str("STREAMER_HOST", "127.0.0.1"),
            help="bind address of the health and metrics endpoints [STREAMER_HOST, default %(default)s]")
     option("--port", type=int, default=env_int("STREAMER_PORT", 9101),
-           help="port of the health and metrics endpoints, 0 for any free port "
+           help="port of the health and metrics endpoints, 0 to 65535; 0 for any free port "
                 "[STREAMER_PORT, default %(default)s]")
     option("--log-level", default=env_str("STREAMER_LOG_LEVEL", "INFO"),
-           help="logging level [STREAMER_LOG_LEVEL, default %(default)s]")
+           help="logging level: DEBUG, INFO, WARNING or ERROR [STREAMER_LOG_LEVEL, default %(default)s]")
     return parser
 
 
@@ -106,9 +140,9 @@ async def serve(args: argparse.Namespace) -> None:
     streamer = Streamer(queue, config, metrics=metrics)
     try:
         streamer.check_input()
-    except StreamerError:
+    except StreamerError as exc:
         await queue.aclose()
-        raise
+        raise StreamerError(f"STREAMER_CSV / --csv is invalid: {exc}") from exc
     server = make_server(
         make_app(metrics.registry, lambda: streamer.ready and not streamer.stopping),
         host=args.host,
@@ -164,6 +198,15 @@ async def serve(args: argparse.Namespace) -> None:
     logger.info("streamer stopped")
 
 
+def invalid_option(args: argparse.Namespace) -> str | None:
+    """Return a message naming the variable, flag and value of the first invalid option, or ``None``."""
+    for check in OPTION_CHECKS:
+        value = getattr(args, check.attribute)
+        if not check.is_valid(value):
+            return f"{check.variable} / {check.flag} = {value!r} is invalid: expected {check.expected}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``telemetry-streamer``; returns the exit status."""
     try:
@@ -171,14 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"telemetry-streamer: {exc}", file=sys.stderr)
         return 2
-    try:
-        logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
-    except ValueError:
-        print(
-            f"telemetry-streamer: invalid log level {args.log_level!r}; use DEBUG, INFO, WARNING or ERROR",
-            file=sys.stderr,
-        )
+    problem = invalid_option(args)
+    if problem is not None:
+        print(f"telemetry-streamer: {problem}", file=sys.stderr)
         return 2
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         # httpx logs every request at INFO, thousands of lines a minute here.
         logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -6,14 +6,21 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import event, inspect
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlmodel import create_engine
 
-__all__ = ["DEFAULT_DATABASE_URL", "database_url_from_env", "make_engine"]
+from telemetry.tables import Gpu, GpuMetric, TelemetrySample
+
+__all__ = ["DEFAULT_DATABASE_URL", "TELEMETRY_TABLES", "database_url_from_env", "make_engine", "missing_tables"]
 
 #: The embedded default: an SQLite file under the project's data directory.
 DEFAULT_DATABASE_URL = "sqlite:///data/telemetry.db"
+
+#: Tables that the migrations create and the collector and API need.
+TELEMETRY_TABLES: tuple[str, ...] = tuple(
+    model.__tablename__ for model in (Gpu, GpuMetric, TelemetrySample)  # type: ignore[misc]
+)
 
 #: How long an SQLite connection waits for a writer's lock before failing, in ms.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -23,6 +30,15 @@ def database_url_from_env(environ: os._Environ[str] | dict[str, str] | None = No
     """Return ``DATABASE_URL`` from the environment, or the SQLite default."""
     environ = os.environ if environ is None else environ
     return environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+
+
+def missing_tables(connection: Connection) -> list[str]:
+    """Return the names of the ``TELEMETRY_TABLES`` that the connected database lacks.
+
+    An empty list means the schema is migrated. Connection errors propagate.
+    """
+    inspector = inspect(connection)
+    return [name for name in TELEMETRY_TABLES if not inspector.has_table(name)]
 
 
 def make_engine(

@@ -94,6 +94,18 @@ def sample_count(engine: Engine) -> int:
         return int(connection.execute(select(func.count()).select_from(TelemetrySample)).scalar_one())
 
 
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    """Check that ``response`` is an RFC 9457 problem details response of ``status``, and return its body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["type"] == "about:blank"
+    assert problem["status"] == status
+    assert problem["title"]
+    assert problem["detail"]
+    return dict(problem)
+
+
 @asynccontextmanager
 async def webhook(engine: Engine) -> AsyncIterator[tuple[httpx.AsyncClient, PushReceiver]]:
     """Serve push mode on a free loopback port; yield a client for it and the receiver."""
@@ -125,7 +137,7 @@ def test_invalid_request_is_401_and_stores_nothing(engine: Engine, secret: str, 
             body = batch(records(3))
             headers = signed_headers(body, secret=secret, timestamp=int(time.time()) - age_s)
             response = await client.post(WEBHOOK_PATH, content=body, headers=headers)
-            assert response.status_code == 401, response.text
+            assert_problem(response, 401)
 
     asyncio.run(scenario())
     assert sample_count(engine) == 0
@@ -135,7 +147,8 @@ def test_unsigned_request_is_401(engine: Engine) -> None:
     async def scenario() -> None:
         async with webhook(engine) as (client, _):
             response = await client.post(WEBHOOK_PATH, content=batch(records(1)))
-            assert response.status_code == 401
+            problem = assert_problem(response, 401)
+            assert "webhook-signature" in problem["detail"]
 
     asyncio.run(scenario())
     assert sample_count(engine) == 0
@@ -173,7 +186,8 @@ def test_invalid_body_is_400(engine: Engine) -> None:
         async with webhook(engine) as (client, _):
             body = b'{"items": []}'
             response = await client.post(WEBHOOK_PATH, content=body, headers=signed_headers(body))
-            assert response.status_code == 400
+            problem = assert_problem(response, 400)
+            assert problem["detail"] == "expected a JSON object with a 'messages' list"
 
     asyncio.run(scenario())
 
@@ -202,7 +216,8 @@ def test_database_down_is_503_then_stored(temporary_postgres: Any) -> None:
             body = batch(records(5))
             temporary_postgres.stop()
             response = await client.post(WEBHOOK_PATH, content=body, headers=signed_headers(body))
-            assert response.status_code == 503, response.text
+            problem = assert_problem(response, 503)
+            assert problem["detail"] == "the database is unavailable"
             assert response.headers["retry-after"] == "5"
             assert receiver.database_failing
 
@@ -218,6 +233,40 @@ def test_database_down_is_503_then_stored(temporary_postgres: Any) -> None:
     try:
         asyncio.run(scenario())
         assert sample_count(engine) == 5
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", WEBHOOK_PATH, 405), ("POST", "/no-such-path", 404)],
+    ids=["get-webhook", "unknown-path"],
+)
+def test_routing_errors_are_problems(engine: Engine, method: str, path: str, status: int) -> None:
+    async def scenario() -> None:
+        async with webhook(engine) as (client, _):
+            assert_problem(await client.request(method, path), status)
+
+    asyncio.run(scenario())
+
+
+def test_unmigrated_database_is_503(sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
+
+    async def scenario() -> None:
+        async with webhook(engine) as (client, _):
+            body = batch(records(2))
+            response = await client.post(WEBHOOK_PATH, content=body, headers=signed_headers(body))
+            problem = assert_problem(response, 503)
+            assert problem["detail"] == "the database is unavailable"
+            assert response.headers["retry-after"] == "5"
+
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["missing_tables"] == ["gpus", "gpu_metrics", "telemetry_samples"]
+
+    try:
+        asyncio.run(scenario())
     finally:
         engine.dispose()
 

@@ -13,7 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from streamer.__main__ import DEFAULT_CSV
+from streamer.__main__ import DEFAULT_CSV, OPTION_CHECKS
+from streamer.__main__ import main as streamer_main
+from streamer.worker import StreamerConfig, StreamerError
 from streamer.sample import main as sample_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,10 +72,10 @@ def test_streamer_help_names_variables() -> None:
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
-        (["--csv", "/nonexistent/dump.csv"], {}, "does not exist"),
+        (["--csv", "/nonexistent/dump.csv"], {}, "STREAMER_CSV / --csv is invalid: CSV file '/nonexistent/dump.csv' does not exist"),
         ([], {"STREAMER_PORT": "abc"}, "STREAMER_PORT='abc' is invalid"),
-        (["--batch-size", "5000"], {}, "batch size must be 1 to 1000"),
-        (["--log-level", "LOUD"], {}, "invalid log level 'LOUD'"),
+        (["--batch-size", "5000"], {}, "STREAMER_BATCH_SIZE / --batch-size = 5000 is invalid: expected 1 to 1000"),
+        (["--log-level", "LOUD"], {}, "STREAMER_LOG_LEVEL / --log-level = 'LOUD' is invalid"),
     ],
     ids=["missing-csv", "invalid-variable", "oversized-batch", "invalid-log-level"],
 )
@@ -82,6 +84,76 @@ def test_streamer_start_errors_exit_2(args: list[str], env: dict[str, str], mess
 
     assert result.returncode == 2
     assert message in result.stderr
+
+
+# Each validated option: the variable, its flag, an invalid value and the message after "VARIABLE / FLAG".
+INVALID_OPTIONS = [
+    ("STREAMER_QUEUE_URLS", "--queue-urls", ",", "= ',' is invalid: expected one or more comma-separated URLs"),
+    ("STREAMER_INTERVAL_S", "--interval", "-1", "= -1.0 is invalid: expected 0 or more seconds"),
+    ("STREAMER_RATE", "--rate", "-0.5", "= -0.5 is invalid: expected 0 or more rows per second"),
+    ("STREAMER_BATCH_SIZE", "--batch-size", "0", "= 0 is invalid: expected 1 to 1000"),
+    ("STREAMER_PASSES", "--passes", "-1", "= -1 is invalid: expected 0 or more"),
+    ("STREAMER_ROWS_PER_SHARD", "--rows-per-shard", "0", "= 0 is invalid: expected 1 or more"),
+    ("STREAMER_LEASE_TIMEOUT_S", "--lease-timeout", "1.5", "= 1.5 is invalid: expected 2 or more seconds"),
+    ("STREAMER_PORT", "--port", "70000", "= 70000 is invalid: expected 0 to 65535"),
+    ("STREAMER_LOG_LEVEL", "--log-level", "loud", "= 'loud' is invalid: expected one of DEBUG, INFO, WARNING, ERROR"),
+]
+
+
+@pytest.fixture
+def streamer_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clear the STREAMER_ variables, so that each case sets only its own."""
+    for name in list(os.environ):
+        if name.startswith("STREAMER_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.usefixtures("streamer_environment")
+@pytest.mark.parametrize(("variable", "flag", "value", "message"), INVALID_OPTIONS)
+def test_invalid_variable_named(
+    variable: str, flag: str, value: str, message: str,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(variable, value)
+
+    status = streamer_main([])
+
+    assert status == 2
+    assert f"{variable} / {flag} {message}" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("streamer_environment")
+@pytest.mark.parametrize(("variable", "flag", "value", "message"), INVALID_OPTIONS)
+def test_invalid_flag_named(
+    variable: str, flag: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = streamer_main([f"{flag}={value}"])
+
+    assert status == 2
+    assert f"{variable} / {flag} {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("field", "valid", "invalid"),
+    [
+        ("interval_s", 0.0, -0.001),
+        ("rate", 0.0, -0.001),
+        ("batch_size", 1000, 1001),
+        ("passes", 0, -1),
+        ("rows_per_shard", 1, 0),
+        ("lease_timeout_s", 2.0, 1.999),
+    ],
+)
+def test_cli_ranges_match_config(field: str, valid: float, invalid: float) -> None:
+    """The command line accepts exactly what ``StreamerConfig`` accepts, at each range's edge."""
+    attribute = {"interval_s": "interval", "lease_timeout_s": "lease_timeout"}.get(field, field)
+    check = next(check for check in OPTION_CHECKS if check.attribute == attribute)
+
+    StreamerConfig(csv_path=DEFAULT_CSV, **{field: valid})
+    with pytest.raises(StreamerError):
+        StreamerConfig(csv_path=DEFAULT_CSV, **{field: invalid})
+    assert check.is_valid(valid)
+    assert not check.is_valid(invalid)
 
 
 def test_streamer_endpoints_and_sigterm(queue_server: Any, streamers: Any) -> None:
