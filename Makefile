@@ -73,11 +73,14 @@ run: $(STAMP)
 
 # circus runs one command at a time and answers "already running" to the next
 # while a scale-down still waits for processes to stop, so each call is retried.
+# The collector count is set twice: the second call is accepted only once the
+# first has finished, so make scale returns when circus is idle again. circus
+# ignores a stop signal that arrives while it carries out a command.
 scale: $(STAMP)
 	@$(VENV)/bin/circusctl --timeout 5 --endpoint tcp://127.0.0.1:$(CIRCUS_PORT) list >/dev/null 2>&1 || { \
 		echo "make scale: no stack answers on tcp://127.0.0.1:$(CIRCUS_PORT): start one with make run," \
 			"or pass the CIRCUS_PORT it runs on" >&2; exit 1; }
-	@for target in "streamer $(STREAMERS)" "collector $(COLLECTORS)"; do \
+	@for target in "streamer $(STREAMERS)" "collector $(COLLECTORS)" "collector $(COLLECTORS)"; do \
 		set -- $$target; done_ok=; \
 		for attempt in $$(seq 60); do \
 			if $(VENV)/bin/circusctl --timeout 90 --endpoint tcp://127.0.0.1:$(CIRCUS_PORT) \
