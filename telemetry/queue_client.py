@@ -167,7 +167,8 @@ class QueueClient:
 
     All options are keyword-only. ``transport`` replaces the network (tests pass an
     ``httpx.ASGITransport`` or a respx mock). ``http2=True`` speaks cleartext HTTP/2
-    with prior knowledge to ``http://`` nodes and negotiates it by ALPN on ``https://``.
+    with prior knowledge to ``http://`` nodes and negotiates it by ALPN on ``https://``;
+    long-poll leases always use HTTP/1.1 connections of their own.
     """
 
     def __init__(
@@ -193,8 +194,12 @@ class QueueClient:
                 client=self._make_client(
                     url, headers, http2, timeout_s, transport, max_connections
                 ),
+                # Long-polls speak HTTP/1.1, one connection each: cancelling one closes
+                # its connection, which tells the server to stop waiting for it. A
+                # cancelled HTTP/2 request leaves its stream open on the server, which
+                # would then lease messages to a consumer that is gone.
                 poll_client=self._make_client(
-                    url, headers, http2, timeout_s + LONG_POLL_MARGIN_S, transport, max_connections
+                    url, headers, False, timeout_s + LONG_POLL_MARGIN_S, transport, max_connections
                 ),
             )
             for url in urls

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -78,6 +80,12 @@ def queue_json(queue: Queue, now: float) -> dict[str, Any]:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+async def _client_disconnected(request: Request) -> None:
+    """Return once the client has closed the request; its body must already be read."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(
     service: QueueService, tokens: Tokens, *, manage_service: bool = False, push: PushService | None = None
 ) -> Starlette:
@@ -142,7 +150,22 @@ def create_app(
         max_messages = integer_field(data, "max_messages", 1, 1, MAX_BATCH_MESSAGES)
         wait_s = number_field(data, "wait_s", 0.0, 0, MAX_WAIT_S)
         visibility = number_field(data, "visibility_timeout_s", None, 0.001, MAX_VISIBILITY_TIMEOUT_S)
-        body = await service.lease(name, max_messages or 1, wait_s or 0.0, visibility)
+        leasing = asyncio.ensure_future(service.lease(name, max_messages or 1, wait_s or 0.0, visibility))
+        if wait_s:
+            # A client that goes away while it waits, as a consumer does when it
+            # stops, must not be handed messages that nobody will ever receive.
+            left = asyncio.ensure_future(_client_disconnected(request))
+            try:
+                await asyncio.wait({leasing, left}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                left.cancel()
+            if not leasing.done():
+                leasing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await leasing
+                logger.debug("long-poll on queue %r ended: the client disconnected", name)
+                return Response(status_code=499)
+        body = await leasing
         return Response(body, media_type=JSON)
 
     def results_response(results: list[tuple[Any, str]]) -> Response:

@@ -37,6 +37,27 @@ def test_client_round_trip_both_protocols(queue_server, http2: bool) -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("http2", [True, False], ids=["h2c-prior-knowledge", "http1.1"])
+def test_abandoned_long_poll_takes_no_messages(queue_server, http2: bool) -> None:
+    async def scenario() -> None:
+        async with QueueClient(queue_server.url, http2=http2) as client:
+            await client.create_queue("jobs")
+            # A consumer that stops cancels its waiting long-poll, which closes the request.
+            waiting = asyncio.create_task(client.lease("jobs", max_messages=10, wait_s=10))
+            await asyncio.sleep(0.5)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await asyncio.sleep(0.3)
+
+            await client.publish("jobs", [OutgoingMessage(body={"n": 1})])
+            leased = await client.lease("jobs", max_messages=10, wait_s=1)
+
+            assert [m.body for m in leased] == [{"n": 1}]
+
+    asyncio.run(scenario())
+
+
 def test_restart_keeps_unacked_messages(queue_server) -> None:
     async def publish_and_lease() -> list[str]:
         async with QueueClient(queue_server.url) as client:
