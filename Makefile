@@ -71,16 +71,24 @@ run: $(STAMP)
 	@echo ""
 	@$(STACK_ENV) $(VENV)/bin/circusd circus.ini
 
+# make scale changes only the counts given on its command line or in the
+# environment, not the defaults above.
+given = $(filter command line environment,$(origin $(1)))
+SCALE_TARGETS = $(if $(call given,STREAMERS),"streamer $(STREAMERS)") \
+	$(if $(call given,COLLECTORS),"collector $(COLLECTORS)") \
+	$(if $(call given,COLLECTORS),"collector $(COLLECTORS)",$(if $(call given,STREAMERS),"streamer $(STREAMERS)"))
+
 # circus runs one command at a time and answers "already running" to the next
 # while a scale-down still waits for processes to stop, so each call is retried.
-# The collector count is set twice: the second call is accepted only once the
+# The last count is set twice: the second call is accepted only once the
 # first has finished, so make scale returns when circus is idle again. circus
 # ignores a stop signal that arrives while it carries out a command.
 scale: $(STAMP)
+	@$(if $(strip $(SCALE_TARGETS)),true,echo "make scale: pass STREAMERS=n, COLLECTORS=m or both" >&2; exit 1)
 	@$(VENV)/bin/circusctl --timeout 5 --endpoint tcp://127.0.0.1:$(CIRCUS_PORT) list >/dev/null 2>&1 || { \
 		echo "make scale: no stack answers on tcp://127.0.0.1:$(CIRCUS_PORT): start one with make run," \
 			"or pass the CIRCUS_PORT it runs on" >&2; exit 1; }
-	@for target in "streamer $(STREAMERS)" "collector $(COLLECTORS)" "collector $(COLLECTORS)"; do \
+	@for target in $(SCALE_TARGETS); do \
 		set -- $$target; done_ok=; \
 		for attempt in $$(seq 60); do \
 			if $(VENV)/bin/circusctl --timeout 90 --endpoint tcp://127.0.0.1:$(CIRCUS_PORT) \

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+#: Reasons a message is rejected: those of ``telemetry.record.InvalidRecord``, and
+#: a record that the database refuses as a data error.
+REJECTION_REASONS = ("invalid_json", "not_an_object", "missing_field", "invalid_field", "rejected_by_database")
+
 __all__ = ["CollectorMetrics"]
 
 #: Bucket bounds of the commit latency histogram, in seconds.
@@ -86,3 +90,11 @@ class CollectorMetrics:
             "Leased messages not yet acknowledged or returned to the queue.",
             registry=self.registry,
         )
+        # Known label values start at zero, so that a query of a healthy collector
+        # returns a series before the first rejection, lost receipt or queue error.
+        for reason in REJECTION_REASONS:
+            self.messages_rejected.labels(reason)
+        for verb in ("ack", "nack", "extend"):
+            self.receipts_lost.labels(verb)
+        for verb in ("create", "lease", "ack", "nack", "extend"):
+            self.queue_errors.labels(verb)

@@ -85,6 +85,12 @@ def test_make_run_scale_and_stop(tmp_path: Path) -> None:
         assert scale.wait(timeout=300) == 0
         assert numprocesses(circus_port, "streamer") == 1
         assert numprocesses(circus_port, "collector") == 1
+
+        # A count that is not given stays as it is.
+        scale = make("scale", "COLLECTORS=2", f"CIRCUS_PORT={circus_port}")
+        assert scale.wait(timeout=300) == 0
+        assert numprocesses(circus_port, "streamer") == 1
+        assert numprocesses(circus_port, "collector") == 2
         acked_before = acked_total(queue_port)
         wait_until(lambda: acked_total(queue_port) > acked_before, timeout_s=30, what="rows acknowledged after scaling")
     finally:
@@ -106,10 +112,24 @@ def test_make_run_scale_and_stop(tmp_path: Path) -> None:
     assert left == []
 
 
+def test_make_scale_without_counts_fails() -> None:
+    process = subprocess.run(
+        ["make", "--no-print-directory", "scale", f"CIRCUS_PORT={free_port()}", f"VENV={VENV_BIN.parent}"],
+        env={name: value for name, value in os.environ.items() if name not in ("STREAMERS", "COLLECTORS")},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert process.returncode != 0
+    assert "pass STREAMERS=n, COLLECTORS=m or both" in process.stderr
+
+
 def test_make_scale_without_stack_fails_fast() -> None:
     started = time.monotonic()
     process = subprocess.run(
-        ["make", "--no-print-directory", "scale", f"CIRCUS_PORT={free_port()}", f"VENV={VENV_BIN.parent}"],
+        ["make", "--no-print-directory", "scale", "STREAMERS=1", f"CIRCUS_PORT={free_port()}", f"VENV={VENV_BIN.parent}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
