@@ -199,7 +199,8 @@ class QueueService:
         for queue_name in created:
             logger.info("queue %r created", queue_name)
         if existed:
-            logger.info("queue %r updated: %s", name, fields)
+            # Clients create their queues at every start with an empty PUT, which changes nothing.
+            logger.log(logging.INFO if fields else logging.DEBUG, "queue %r updated: %s", name, fields)
         await self.wal.wait_durable(end)
         return config, not existed
 
