@@ -14,7 +14,7 @@ covers the batch and the (GPU, metric name) pairs already stored.
 
 Samples take the driver's bulk path: one ``executemany`` of a prepared statement on
 SQLite. On PostgreSQL a ``COPY`` straight into ``telemetry_samples`` inside a
-savepoint, and, only when that batch holds an already stored key, a ``COPY`` into
+savepoint, and, only when that batch contains an already stored key, a ``COPY`` into
 a temporary table followed by one ``INSERT ... SELECT ... ON CONFLICT DO
 NOTHING``. Rows are written in key order
 (GPUs by uuid, samples by idempotency key), so concurrent writers on PostgreSQL
@@ -91,7 +91,7 @@ class StoreResult:
 
 
 class KnownGpus:
-    """What this process's own commits stored in ``gpus`` and ``gpu_metrics``.
+    """Cache of the rows that this process's own commits stored in ``gpus`` and ``gpu_metrics``.
 
     Stored GPU time ranges only widen, whichever process writes them, so a range
     this process committed lies within the stored one: a GPU whose batch

@@ -91,8 +91,8 @@ class StreamerConfig:
     lease_wait_s: float = 1.0
     reject_log_interval_s: float = 10.0
     #: How long a streamer that leases only shards of another file hands them back
-    #: before it drops them, so that a control queue left over from an earlier
-    #: file, or from this file before it changed, does not stall streaming forever.
+    #: before it drops them. A control queue left over from an earlier file, or from
+    #: this file before it changed, then cannot stall streaming forever.
     foreign_takeover_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -377,8 +377,8 @@ class Streamer:
         """Hand a shard of another file back to the queue, or drop it once the takeover time has passed.
 
         Streamers of two files sharing one control queue is a misconfiguration, but
-        a queue left over from an earlier file is not: nobody serves its shards any
-        more. After ``foreign_takeover_s`` with no shard of its own, the streamer
+        a queue left over from an earlier file is not: no streamer serves its shards
+        any more. After ``foreign_takeover_s`` with no shard of its own, the streamer
         drops the foreign shards, and once the queue is empty it creates a run of
         its own file.
         """

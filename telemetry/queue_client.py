@@ -194,10 +194,10 @@ class QueueClient:
                 client=self._make_client(
                     url, headers, http2, timeout_s, transport, max_connections
                 ),
-                # Long-polls speak HTTP/1.1, one connection each: cancelling one closes
-                # its connection, which tells the server to stop waiting for it. A
-                # cancelled HTTP/2 request leaves its stream open on the server, which
-                # would then lease messages to a consumer that is gone.
+                # Long-polls use HTTP/1.1 with one connection each. Cancelling one closes
+                # its connection, so the server stops waiting for it. A cancelled HTTP/2
+                # request leaves its stream open on the server, which would then lease
+                # messages to a consumer that is gone.
                 poll_client=self._make_client(
                     url, headers, False, timeout_s + LONG_POLL_MARGIN_S, transport, max_connections
                 ),
@@ -294,10 +294,14 @@ class QueueClient:
         """
         # A plain dict is encoded without a copy: the request body is encoded
         # before this coroutine first waits, so later changes to it cannot leak in.
-        items = [
-            m if type(m) is dict else m.to_json() if isinstance(m, OutgoingMessage) else dict(m)
-            for m in messages
-        ]
+        items: list[Any] = []
+        for message in messages:
+            if type(message) is dict:
+                items.append(message)
+            elif isinstance(message, OutgoingMessage):
+                items.append(message.to_json())
+            else:
+                items.append(dict(message))
         answer = await self._call(queue, "POST", f"/v1/queues/{queue}/messages", {"messages": items})
         return [PublishResult(id=r["id"], duplicate=r["duplicate"]) for r in answer["results"]]
 

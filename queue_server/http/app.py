@@ -153,7 +153,7 @@ def create_app(
         leasing = asyncio.ensure_future(service.lease(name, max_messages or 1, wait_s or 0.0, visibility))
         if wait_s:
             # A client that goes away while it waits, as a consumer does when it
-            # stops, must not be handed messages that nobody will ever receive.
+            # stops, must not be handed messages that no consumer will receive.
             left = asyncio.ensure_future(_client_disconnected(request))
             try:
                 await asyncio.wait({leasing, left}, return_when=asyncio.FIRST_COMPLETED)
