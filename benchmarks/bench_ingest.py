@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import os
 import platform
 import signal
@@ -60,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from collector.storage import KnownGpus, store_records
+from streamer.dcgm_csv import ParsedRow, read_header, read_rows
 from telemetry.database import make_engine
 from telemetry.queue_client import OutgoingMessage, QueueClient
 from telemetry.record import TELEMETRY_QUEUE, TelemetryRecord
@@ -70,33 +70,13 @@ BATCH = 1000
 
 
 def build_records(csv_path: Path, total: int) -> list[TelemetryRecord]:
-    """Repeat the CSV's rows with distinct keys and timestamps until ``total`` records."""
-    with csv_path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    """Repeat the CSV's valid rows, read with the streamer's reader, with distinct keys and timestamps until ``total`` records."""
+    rows = [row for row in read_rows(csv_path, read_header(csv_path)) if isinstance(row, ParsedRow)]
     start = datetime(2026, 1, 1, tzinfo=UTC)
-    records: list[TelemetryRecord] = []
-    for index in range(total):
-        row = rows[index % len(rows)]
-        labels = dict(item.split("=", 1) for item in row["labels_raw"].split(",") if "=" in item)
-        records.append(
-            TelemetryRecord(
-                uuid=row["uuid"],
-                hostname=row["Hostname"],
-                gpu_index=int(row["gpu_id"]),
-                device=row["device"],
-                model_name=row["modelName"],
-                metric_name=row["metric_name"],
-                value=float(row["value"]),
-                labels={key: value.strip('"') for key, value in labels.items()},
-                container=row["container"] or None,
-                pod=row["pod"] or None,
-                namespace=row["namespace"] or None,
-                timestamp=start + timedelta(milliseconds=index),
-                source_timestamp=datetime.fromisoformat(row["timestamp"].replace("Z", "+00:00")),
-                key=f"bench:{index}",
-            )
-        )
-    return records
+    return [
+        rows[index % len(rows)].stamp(processed_at=start + timedelta(milliseconds=index), key=f"bench:{index}")
+        for index in range(total)
+    ]
 
 
 def migrate(url: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import socket
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -14,6 +13,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Engine
 
+from streamer.dcgm_csv import ParsedRow, read_header, read_rows
 from telemetry.database import make_engine
 from telemetry.record import TelemetryRecord
 
@@ -49,33 +49,13 @@ def engine(migrated_url: str) -> Iterator[Engine]:
 
 
 def _records_from_csv(path: Path, *, run: str = "test", start: datetime | None = None) -> list[TelemetryRecord]:
-    """Build one record per CSV row, with idempotency keys ``run:line``."""
+    """Build one record per valid CSV row with the streamer's reader, with idempotency keys ``run:line``."""
     start = start or datetime(2026, 1, 1, tzinfo=UTC)
-    records = []
-    with path.open(newline="") as handle:
-        for line, row in enumerate(csv.DictReader(handle), start=2):
-            labels = dict(
-                item.split("=", 1) for item in row["labels_raw"].split(",") if "=" in item
-            )
-            records.append(
-                TelemetryRecord(
-                    uuid=row["uuid"],
-                    hostname=row["Hostname"],
-                    gpu_index=int(row["gpu_id"]),
-                    device=row["device"],
-                    model_name=row["modelName"],
-                    metric_name=row["metric_name"],
-                    value=float(row["value"]),
-                    labels={key: value.strip('"') for key, value in labels.items()},
-                    container=row["container"] or None,
-                    pod=row["pod"] or None,
-                    namespace=row["namespace"] or None,
-                    timestamp=start + timedelta(microseconds=line),
-                    source_timestamp=datetime.fromisoformat(row["timestamp"].replace("Z", "+00:00")),
-                    key=f"{run}:{line}",
-                )
-            )
-    return records
+    return [
+        row.stamp(processed_at=start + timedelta(microseconds=row.line), key=f"{run}:{row.line}")
+        for row in read_rows(path, read_header(path))
+        if isinstance(row, ParsedRow)
+    ]
 
 
 @pytest.fixture(scope="session")
