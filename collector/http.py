@@ -1,7 +1,7 @@
 """Health and metrics endpoints, served inside the collector's own event loop.
 
 ``GET /healthz`` returns 200 while the process runs. ``GET /readyz`` returns 200
-when the database answers within 2 seconds, has every telemetry table (so the
+when the database responds within 2 seconds, has every telemetry table (so the
 migrations ran) and the last write of a batch did not fail, else 503.
 ``GET /metrics`` returns the collector's Prometheus metrics.
 """

@@ -1,7 +1,7 @@
 """Push mode: the collector is the webhook endpoint of a queue push subscription.
 
 ``POST /webhook`` receives a batch signed as Standard Webhooks do. The
-collector answers (every error as ``application/problem+json``):
+collector responds (every error as ``application/problem+json``):
 
 - 413 when the body is larger than ``MAX_BODY_BYTES``;
 - 401 when the signature does not match a configured secret or the

@@ -261,5 +261,5 @@ def row_key(source: str, run_id: str, pass_index: int, line: int) -> str:
 
 
 def row_key_prefix(source: str, run_id: str, pass_index: int) -> str:
-    """The part of a row key before the line number, so a batch builds its keys by appending lines."""
+    """Return the part of a row key before the line number, so that a batch builds its keys by appending lines."""
     return f"{source}:{run_id}:{pass_index}:"

@@ -7,7 +7,7 @@
             ...
         await queue.ack("telemetry", [message.receipt])
 
-Connection errors, 429 and 5xx answers are retried with exponential backoff and
+Connection errors, 429 and 5xx responses are retried with exponential backoff and
 full jitter, honouring ``Retry-After`` (seconds or an HTTP date). A publish is
 retried with the same body, so messages that carry an idempotency ``key`` are stored once however often the
 request is repeated. Long-polls run on their own connection pool, so waiting
@@ -55,7 +55,7 @@ class QueueError(Exception):
 
 
 class QueueUnavailable(QueueError):
-    """The queue could not be reached or kept answering 429/5xx until retries ran out.
+    """The queue could not be reached or kept responding with 429/5xx until retries ran out.
 
     The caller may try again later. ``status`` is the last HTTP status, or ``None``
     for a transport failure.
@@ -273,7 +273,7 @@ class QueueClient:
     async def put_subscription(self, queue: str, name: str, **fields: Any) -> dict[str, Any]:
         """Create or update push subscription ``name`` of ``queue`` and return it.
 
-        The answer to a create carries the generated ``secret``, once.
+        The response to a create carries the generated ``secret``, once.
         """
         return await self._call(queue, "PUT", f"/v1/queues/{queue}/subscriptions/{name}", fields)
 

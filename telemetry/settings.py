@@ -17,7 +17,7 @@ T = TypeVar("T")
 
 
 class SettingsError(ValueError):
-    """An environment variable holds a value that cannot be used."""
+    """An environment variable contains a value that cannot be used."""
 
 
 def _read(

@@ -1,4 +1,4 @@
-"""One delivery attempt: build the signed JSON batch, connect to the pinned address, classify the answer.
+"""One delivery attempt: build the signed JSON batch, connect to the pinned address, classify the response.
 
 The request body is::
 
