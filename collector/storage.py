@@ -38,7 +38,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
-from telemetry.record import TelemetryRecord
+from telemetry.record import AnyRecord
 from telemetry.tables import Gpu, GpuMetric, TelemetrySample
 
 __all__ = ["KnownGpus", "StoreResult", "store_records"]
@@ -151,7 +151,7 @@ def _descriptive(row: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def store_records(
-    engine: Engine, records: Sequence[TelemetryRecord], *, known: KnownGpus | None = None
+    engine: Engine, records: Sequence[AnyRecord], *, known: KnownGpus | None = None
 ) -> StoreResult:
     """Store a batch of records in one transaction, ignoring already stored keys.
 
@@ -194,7 +194,7 @@ def _store_once(
     engine: Engine,
     gpus: list[dict[str, Any]],
     pairs: list[tuple[str, str]],
-    records: Sequence[TelemetryRecord],
+    records: Sequence[AnyRecord],
 ) -> int:
     with engine.begin() as connection:
         dialect_name = connection.dialect.name
@@ -207,9 +207,9 @@ def _store_once(
         )
 
 
-def _gpu_rows(records: Sequence[TelemetryRecord]) -> list[dict[str, Any]]:
+def _gpu_rows(records: Sequence[AnyRecord]) -> list[dict[str, Any]]:
     """Return one row per GPU: the newest record's fields and the batch's time range."""
-    newest: dict[str, TelemetryRecord] = {}
+    newest: dict[str, AnyRecord] = {}
     first_seen: dict[str, datetime] = {}
     for record in records:
         current = newest.get(record.uuid)
@@ -291,7 +291,7 @@ def _store_sqlite(
     connection: Connection,
     gpus: list[dict[str, Any]],
     pairs: list[tuple[str, str]],
-    records: Sequence[TelemetryRecord],
+    records: Sequence[AnyRecord],
 ) -> int:
     gpu_upsert, metric_insert, sample_insert = _sqlite_statements()
 
@@ -310,7 +310,7 @@ def _store_sqlite(
     if pairs:
         connection.exec_driver_sql(metric_insert.sql, pairs)
 
-    # Records hold UTC datetimes (TelemetryRecord converts them), so the first 26
+    # Records hold UTC datetimes (both record forms convert them), so the first 26
     # characters of the ISO form are the naive UTC text that _sqlite_timestamp writes.
     rows = [
         (
@@ -358,7 +358,7 @@ def _store_postgres(
     connection: Connection,
     gpus: list[dict[str, Any]],
     pairs: list[tuple[str, str]],
-    records: Sequence[TelemetryRecord],
+    records: Sequence[AnyRecord],
 ) -> int:
     if gpus:
         connection.execute(_POSTGRES_GPU_UPSERT, gpus)
@@ -388,7 +388,7 @@ def _store_postgres(
     return int(result.rowcount)
 
 
-def _copy_rows(connection: Connection, statement: str, records: Sequence[TelemetryRecord]) -> None:
+def _copy_rows(connection: Connection, statement: str, records: Sequence[AnyRecord]) -> None:
     # COPY has no SQLAlchemy API, so this talks to psycopg directly and translates
     # its errors into SQLAlchemy's, as the other statements raise. The staging
     # table is emptied at commit (ON COMMIT DELETE ROWS) and a rollback discards
@@ -421,7 +421,7 @@ def _copy_rows(connection: Connection, statement: str, records: Sequence[Telemet
         ) from exc
 
 
-def _record_key(record: TelemetryRecord) -> str:
+def _record_key(record: AnyRecord) -> str:
     return record.key
 
 

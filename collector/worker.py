@@ -40,7 +40,13 @@ from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from collector.metrics import CollectorMetrics
 from collector.storage import KnownGpus, StoreResult, store_records
 from telemetry.queue_client import LeasedMessage, QueueClient, QueueError, QueueNotFound
-from telemetry.record import TELEMETRY_QUEUE, InvalidRecord, TelemetryRecord
+from telemetry.record import (
+    TELEMETRY_QUEUE,
+    AnyRecord,
+    DecodedRecord,
+    InvalidRecord,
+    TelemetryRecord,
+)
 
 __all__ = ["Collector", "CollectorConfig", "InvalidConfig"]
 
@@ -111,12 +117,12 @@ class CollectorConfig:
 class _Batch:
     """Valid leased messages, each with its record, on their way to the database."""
 
-    items: list[tuple[LeasedMessage, TelemetryRecord]]
+    items: list[tuple[LeasedMessage, AnyRecord]]
     oldest_published_at: float | None
     extended_at: float = field(default_factory=time.monotonic)
 
     @property
-    def records(self) -> list[TelemetryRecord]:
+    def records(self) -> list[AnyRecord]:
         return [record for _, record in self.items]
 
     @property
@@ -302,6 +308,7 @@ class Collector:
                 max_messages=self.config.batch_size,
                 wait_s=self.config.wait_s,
                 visibility_timeout_s=self.config.visibility_timeout_s,
+                body_type=DecodedRecord,
             )
         )
         stop = asyncio.ensure_future(self._stop.wait())
@@ -322,10 +329,19 @@ class Collector:
         self.metrics.messages_leased.inc(len(messages))
         self.metrics.batch_size.observe(len(messages))
 
-        items: list[tuple[LeasedMessage, TelemetryRecord]] = []
+        items: list[tuple[LeasedMessage, AnyRecord]] = []
+        unchecked: list[LeasedMessage] = []
+        for message in messages:
+            if isinstance(message.body, DecodedRecord):
+                items.append((message, message.body))
+            else:
+                unchecked.append(message)
+
+        # Bodies the lease could not decode as records are valid only after a type
+        # conversion, or invalid. pydantic decides which, with the reason.
         rejected: dict[str, list[LeasedMessage]] = {}
-        parsed = TelemetryRecord.parse_bodies([message.body for message in messages])
-        for message, outcome in zip(messages, parsed, strict=True):
+        parsed = TelemetryRecord.parse_bodies([message.body for message in unchecked])
+        for message, outcome in zip(unchecked, parsed, strict=True):
             if isinstance(outcome, InvalidRecord):
                 rejected.setdefault(outcome.reason, []).append(message)
                 self._rejections.record(outcome.reason, message.id, str(outcome))
@@ -472,8 +488,8 @@ class Collector:
             return True
 
     def _store_isolating(
-        self, records: Sequence[TelemetryRecord]
-    ) -> tuple[StoreResult, list[tuple[TelemetryRecord, str]]]:
+        self, records: Sequence[AnyRecord]
+    ) -> tuple[StoreResult, list[tuple[AnyRecord, str]]]:
         """Store records; when the database rejects the data, split to find the culprits.
 
         Returns the combined result and the records the database rejected, each with
@@ -493,12 +509,12 @@ class Collector:
         return combined, first_refused + second_refused
 
     async def _dead_letter_refused(
-        self, batch: _Batch, refused: Sequence[tuple[TelemetryRecord, str]]
+        self, batch: _Batch, refused: Sequence[tuple[AnyRecord, str]]
     ) -> None:
         errors = {id(record): error for record, error in refused}
         if not any(id(record) in errors for _, record in batch.items):
             return
-        kept: list[tuple[LeasedMessage, TelemetryRecord]] = []
+        kept: list[tuple[LeasedMessage, AnyRecord]] = []
         messages: list[LeasedMessage] = []
         for message, record in batch.items:
             error = errors.get(id(record))
@@ -602,6 +618,14 @@ class Collector:
 
 
 def _oldest_published_at(messages: Sequence[LeasedMessage]) -> float | None:
+    # The queue server writes every published_at in one fixed-width UTC form, so
+    # the smallest text is the oldest time and only that one is parsed.
+    if not messages:
+        return None
+    try:
+        return datetime.fromisoformat(min(message.published_at for message in messages)).timestamp()
+    except (TypeError, ValueError):
+        pass
     oldest: float | None = None
     for message in messages:
         try:

@@ -21,12 +21,14 @@ import email.utils
 import logging
 import random
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
+import msgspec
 import orjson
 
 __all__ = [
@@ -125,15 +127,21 @@ class PublishResult:
     duplicate: bool
 
 
-@dataclass(frozen=True, slots=True)
-class LeasedMessage:
+BodyT = TypeVar("BodyT")
+
+
+class LeasedMessage(msgspec.Struct, Generic[BodyT], frozen=True):
     """A message handed out under a lease. ``receipt`` acks, nacks or extends this delivery only."""
 
     id: str
     receipt: str
-    body: Any
+    body: BodyT
     deliveries: int
     published_at: str
+
+
+class _LeaseResponse(msgspec.Struct, Generic[BodyT]):
+    messages: list[LeasedMessage[BodyT]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,24 +320,30 @@ class QueueClient:
         max_messages: int = 1000,
         wait_s: float = 20,
         visibility_timeout_s: float | None = None,
-    ) -> list[LeasedMessage]:
-        """Long-poll for up to ``max_messages``; an empty list when ``wait_s`` passes first."""
+        body_type: Any = None,
+    ) -> list[LeasedMessage[Any]]:
+        """Long-poll for up to ``max_messages``; an empty list when ``wait_s`` passes first.
+
+        Bodies are plain JSON values (dicts, lists, strings, numbers). With
+        ``body_type``, a type that msgspec decodes such as a ``msgspec.Struct``, each
+        body that is valid for it is decoded into it instead, in the same pass as
+        the rest of the response. A body that is not valid for it stays a plain
+        JSON value, so the caller can find out why.
+        """
         payload: dict[str, Any] = {"max_messages": max_messages, "wait_s": wait_s}
         if visibility_timeout_s is not None:
             payload["visibility_timeout_s"] = visibility_timeout_s
-        answer = await self._call(
-            queue, "POST", f"/v1/queues/{queue}/leases", payload, long_poll=True, wait_s=wait_s
+        decode = _decode_lease if body_type is None else _typed_lease_decoder(body_type)
+        messages: list[LeasedMessage[Any]] = await self._call(
+            queue,
+            "POST",
+            f"/v1/queues/{queue}/leases",
+            payload,
+            long_poll=True,
+            wait_s=wait_s,
+            decode=decode,
         )
-        return [
-            LeasedMessage(
-                id=m["id"],
-                receipt=m["receipt"],
-                body=m["body"],
-                deliveries=m["deliveries"],
-                published_at=m["published_at"],
-            )
-            for m in answer["messages"]
-        ]
+        return messages
 
     async def ack(self, queue: str, receipts: Sequence[str]) -> list[ReceiptResult]:
         """Acknowledge deliveries; an acked message is never delivered again."""
@@ -387,6 +401,7 @@ class QueueClient:
         *,
         long_poll: bool = False,
         wait_s: float = 0.0,
+        decode: _Decoder | None = None,
     ) -> Any:
         node = self._node_for(queue)
         client = node.poll_client if long_poll else node.client
@@ -396,7 +411,14 @@ class QueueClient:
             configured = client.timeout.read or 0.0
             read_timeout = max(configured, wait_s + LONG_POLL_MARGIN_S)
         return await self._send(
-            node, client, method, path, payload, name=queue, read_timeout=read_timeout
+            node,
+            client,
+            method,
+            path,
+            payload,
+            name=queue,
+            read_timeout=read_timeout,
+            decode=decode,
         )
 
     async def _send(
@@ -409,7 +431,13 @@ class QueueClient:
         *,
         name: str | None,
         read_timeout: float | None = None,
+        decode: _Decoder | None = None,
     ) -> Any:
+        """Send a request, retrying retryable failures; return the decoded response body.
+
+        ``decode`` turns a successful response into the return value; the default
+        decodes any JSON.
+        """
         if self._closed:
             raise RuntimeError("QueueClient is closed")
         content = orjson.dumps(payload) if payload is not None else None
@@ -441,7 +469,7 @@ class QueueClient:
                             node.failures,
                         )
                         node.failures = 0
-                    return _decode_success(method, node.url, path, response)
+                    return (decode or _decode_success)(method, node.url, path, response)
                 status = response.status_code
                 if status not in RETRYABLE_STATUS:
                     raise _request_error(method, path, response, name)
@@ -498,6 +526,49 @@ def _decode_success(method: str, url: str, path: str, response: httpx.Response) 
             f"{method} {url}{path} returned HTTP {response.status_code} with a body that is not "
             f"JSON ({response.text[:80]!r}); check that the URL points at a queue server"
         ) from exc
+
+
+#: Turns a successful response into a return value: (method, node URL, path, response).
+_Decoder = Callable[[str, str, str, httpx.Response], Any]
+
+
+def _decode_lease(method: str, url: str, path: str, response: httpx.Response) -> list[LeasedMessage[Any]]:
+    answer = _decode_success(method, url, path, response)
+    return [
+        LeasedMessage(
+            id=m["id"],
+            receipt=m["receipt"],
+            body=m["body"],
+            deliveries=m["deliveries"],
+            published_at=m["published_at"],
+        )
+        for m in answer["messages"]
+    ]
+
+
+@functools.cache
+def _typed_lease_decoder(body_type: Any) -> _Decoder:
+    response_decoder = msgspec.json.Decoder(_LeaseResponse[body_type])  # type: ignore[valid-type]
+    body_decoder = msgspec.json.Decoder(body_type)
+
+    def typed_body(message: LeasedMessage[Any]) -> LeasedMessage[Any]:
+        try:
+            body = body_decoder.decode(orjson.dumps(message.body))
+        except msgspec.ValidationError:
+            return message
+        return msgspec.structs.replace(message, body=body)
+
+    def decode(method: str, url: str, path: str, response: httpx.Response) -> list[LeasedMessage[Any]]:
+        try:
+            return response_decoder.decode(response.content).messages
+        except msgspec.DecodeError:
+            # A body is not valid for body_type (msgspec.ValidationError), or the
+            # response is not JSON, which the plain decoder reports as a QueueError.
+            # The response is decoded as plain JSON, then each body on its own.
+            pass
+        return [typed_body(message) for message in _decode_lease(method, url, path, response)]
+
+    return decode
 
 
 def _retry_after(response: httpx.Response) -> float | None:

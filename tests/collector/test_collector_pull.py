@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import threading
 from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC
 from typing import Any
 
 import pytest
@@ -133,6 +134,52 @@ def test_poison_messages_dead_lettered(
         assert rejected.labels("invalid_json")._value.get() == 1
         assert rejected.labels("not_an_object")._value.get() == 1
         assert rejected.labels("invalid_field")._value.get() == 1
+
+    asyncio.run(scenario())
+
+
+def test_bodies_valid_after_conversion_stored(
+    queue_url: str, engine: Engine, real_records: list[TelemetryRecord]
+) -> None:
+    # The lease decodes the plain bodies as records in one pass. The converted
+    # ones fail that (a number sent as text, a time with an offset and nine
+    # fraction digits) and are stored through pydantic instead, in the same batch.
+    plain = real_records[:20]
+    converted = []
+    for index, record in enumerate(real_records[20:30]):
+        body = record.to_body()
+        body["gpu_index"] = str(body["gpu_index"])
+        body["value"] = str(body["value"])
+        body["timestamp"] = f"2026-03-01T12:00:00.{index:09d}+02:00"
+        converted.append(body)
+
+    async def scenario() -> None:
+        await _publish(queue_url, plain + converted)
+        async with _client(queue_url) as queue:
+            collector = Collector(queue, engine, config=_config())
+
+            async def drained() -> bool:
+                return (await _stats(queue_url))["acked_total"] == 30
+
+            await _run_until(collector, drained)
+            stats = await _stats(queue_url)
+
+        assert stats["dead_lettered_total"] == 0
+        assert _sample_count(engine) == 30
+        assert collector.metrics.messages_stored._value.get() == 30
+        with engine.connect() as connection:
+            samples = TelemetrySample.__table__.c  # type: ignore[attr-defined]
+            stored = {
+                row.idempotency_key: row
+                for row in connection.execute(select(samples.idempotency_key, samples.timestamp, samples.value))
+            }
+        for body in converted:
+            expected = TelemetryRecord.parse_body(body)
+            row = stored[body["key"]]
+            assert row.value == expected.value
+            assert row.timestamp.replace(tzinfo=UTC) == expected.timestamp
+        for record in plain:
+            assert stored[record.key].timestamp.replace(tzinfo=UTC) == record.timestamp
 
     asyncio.run(scenario())
 

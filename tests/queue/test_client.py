@@ -9,6 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import httpx
+import msgspec
 import orjson
 import pytest
 import respx
@@ -200,6 +201,55 @@ def test_client_against_in_process_app(tmp_path: Path) -> None:
             assert queues["jobs"]["stats"]["ready"] == 1
         finally:
             await service.close()
+
+    asyncio.run(scenario())
+
+
+class Point(msgspec.Struct, forbid_unknown_fields=True):
+    x: int
+    y: int
+
+
+def test_lease_decodes_valid_bodies_into_body_type(tmp_path: Path) -> None:
+    bodies = [{"x": 1, "y": 2}, {"x": "1", "y": 2}, {"x": 3}, "text", {"x": 4, "y": 5}]
+
+    async def scenario() -> None:
+        service = QueueService(ServiceOptions(data_dir=tmp_path, min_free_bytes=0))
+        service.open()
+        await service.start()
+        transport = httpx.ASGITransport(app=create_app(service, Tokens({})))
+        try:
+            async with QueueClient("http://queue.test", transport=transport, retry=FAST) as client:
+                await client.create_queue("points")
+                await client.publish("points", [OutgoingMessage(body=body) for body in bodies])
+                mixed = await client.lease("points", max_messages=5, wait_s=0, body_type=Point)
+                await client.nack("points", [message.receipt for message in mixed])
+                plain = await client.lease("points", max_messages=5, wait_s=0)
+                await client.ack("points", [message.receipt for message in plain])
+                await client.publish("points", [OutgoingMessage(body=bodies[0])])
+                typed = await client.lease("points", max_messages=5, wait_s=0, body_type=Point)
+        finally:
+            await service.close()
+
+        # One invalid body makes the client decode each body on its own.
+        assert [message.body for message in mixed] == [Point(1, 2), *bodies[1:4], Point(4, 5)]
+        assert [message.body for message in plain] == bodies
+        assert [message.id for message in plain] == [message.id for message in mixed]
+        assert all(message.deliveries == 2 for message in plain)
+        assert [message.body for message in typed] == [Point(1, 2)]
+        assert typed[0].published_at.endswith("Z")
+
+    asyncio.run(scenario())
+
+
+@respx.mock
+def test_typed_lease_of_non_json_raises_queue_error() -> None:
+    respx.post(f"{URL}/v1/queues/q/leases").mock(return_value=httpx.Response(200, text="<html>proxy</html>"))
+
+    async def scenario() -> None:
+        async with QueueClient(URL, retry=FAST, http2=False) as client:
+            with pytest.raises(QueueError, match="not JSON"):
+                await client.lease("q", wait_s=0, body_type=Point)
 
     asyncio.run(scenario())
 
