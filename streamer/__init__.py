@@ -22,13 +22,16 @@ configures their number:
   delay until that pass is due, and acks the current one. Idle streamers take
   whatever shard is ready, so a streamer that starts gets work within a lease
   poll (1 s), and the others simply find less to do.
+* One streamer works on ``--concurrent-shards`` shards at the same time (2 by
+  default), each under its own lease, as that many separate streamers would. The
+  control-queue requests of one shard then overlap the publishing of another.
 * Pass ``k`` is due at ``run_start + k * interval``, a wall-clock schedule carried
   in the shard messages, so every streamer follows the same one. A streamer that
   leases a shard after its due time reports the lag in the log and in the
   ``streamer_schedule_lag_seconds`` gauge, then catches up as fast as the queue
   accepts rows: passes are never skipped.
-* On SIGTERM or SIGINT a streamer finishes the batch in flight, nacks its shard
-  message with delay 0 and exits 0. Another streamer republishes the whole shard
+* On SIGTERM or SIGINT a streamer finishes the batches in flight, nacks its shard
+  messages with delay 0 and exits 0. Another streamer republishes the whole shard
   under the same keys. A streamer that crashes loses its lease when the
   visibility timeout runs out, and its shard goes to another streamer the same way.
 

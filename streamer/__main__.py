@@ -21,7 +21,14 @@ from typing import Any
 
 from streamer.http import bind_socket, make_app, make_server
 from streamer.metrics import StreamerMetrics
-from streamer.worker import CONTROL_QUEUE, MAX_BATCH_SIZE, Streamer, StreamerConfig, StreamerError
+from streamer.worker import (
+    CONTROL_QUEUE,
+    MAX_BATCH_SIZE,
+    MAX_CONCURRENT_SHARDS,
+    Streamer,
+    StreamerConfig,
+    StreamerError,
+)
 from telemetry.queue_client import QueueClient, QueueRequestError, RetryPolicy
 from telemetry.settings import SettingsError, env_bool, env_float, env_int, env_str
 
@@ -63,6 +70,8 @@ OPTION_CHECKS = (
     OptionCheck("rows_per_shard", "STREAMER_ROWS_PER_SHARD", "--rows-per-shard", lambda value: value >= 1, "1 or more"),
     OptionCheck("lease_timeout", "STREAMER_LEASE_TIMEOUT_S", "--lease-timeout",
                 lambda value: value >= 2, "2 or more seconds"),
+    OptionCheck("concurrent_shards", "STREAMER_CONCURRENT_SHARDS", "--concurrent-shards",
+                lambda value: 1 <= value <= MAX_CONCURRENT_SHARDS, f"1 to {MAX_CONCURRENT_SHARDS}"),
     OptionCheck("port", "STREAMER_PORT", "--port", lambda value: 0 <= value <= 65535, "0 to 65535"),
     OptionCheck("log_level", "STREAMER_LOG_LEVEL", "--log-level",
                 lambda value: value.upper() in LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)),
@@ -110,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     option("--lease-timeout", type=float, default=env_float("STREAMER_LEASE_TIMEOUT_S", 10.0),
            help="seconds after which a crashed streamer's shard goes to another streamer "
                 "[STREAMER_LEASE_TIMEOUT_S, default %(default)s]")
+    option("--concurrent-shards", type=int, default=env_int("STREAMER_CONCURRENT_SHARDS", 2),
+           help=f"shards worked on at the same time, 1 to {MAX_CONCURRENT_SHARDS}, so one shard's "
+                "control requests overlap another's publishing "
+                "[STREAMER_CONCURRENT_SHARDS, default %(default)s]")
 
     option("--host", default=env_str("STREAMER_HOST", "127.0.0.1"),
            help="bind address of the health and metrics endpoints [STREAMER_HOST, default %(default)s]")
@@ -132,6 +145,7 @@ async def serve(args: argparse.Namespace) -> None:
         rows_per_shard=args.rows_per_shard,
         control_queue=args.control_queue,
         lease_timeout_s=args.lease_timeout,
+        concurrent_shards=args.concurrent_shards,
     )
     metrics = StreamerMetrics()
     queue = QueueClient(

@@ -177,13 +177,23 @@ def parse_labels(raw: str) -> dict[str, str]:
     Values may contain commas and the escapes ``\\"``, ``\\\\`` and ``\\n``. An empty
     string gives an empty dict. Raises ``ValueError`` naming the text that does not parse.
     """
-    text = raw.strip()
+    return dict(_label_pairs(raw.strip()))
+
+
+# An exporter writes the same label text for every sample of one (GPU, metric)
+# pair, so a dump repeats each text once per scrape, and a streamer in a loop reads
+# every text again in each pass. An entry of the real DCGM dump's label texts takes
+# about 2 KiB (tracemalloc), so the 8,192 entries take about 16 MiB at most. A dump
+# with more distinct texts than that gains nothing, because the loop evicts each
+# entry before it comes around again.
+@functools.lru_cache(maxsize=8_192)
+def _label_pairs(text: str) -> tuple[tuple[str, str], ...]:
     if _LABELS.fullmatch(text) is None:
         _raise_label_error(text)
     pairs = _LABEL.findall(text)
     if "\\" not in text:
-        return dict(pairs)
-    return {name: _LABEL_ESCAPE.sub(_unescape, value) for name, value in pairs}
+        return tuple(pairs)
+    return tuple((name, _LABEL_ESCAPE.sub(_unescape, value)) for name, value in pairs)
 
 
 def _unescape(match: re.Match[str]) -> str:

@@ -43,6 +43,9 @@ CONTROL_QUEUE = "telemetry.shards"
 #: Maximum rows in one publish request, the queue's own limit.
 MAX_BATCH_SIZE = 1000
 
+#: Maximum shards one streamer works on at the same time.
+MAX_CONCURRENT_SHARDS = 16
+
 # Shard messages are redelivered after every graceful stop and crash of the
 # streamer that held them, so they get far more deliveries than the queue's default.
 _CONTROL_MAX_DELIVERIES = 1000
@@ -94,6 +97,10 @@ class StreamerConfig:
     #: before it drops them. A control queue left over from an earlier file, or from
     #: this file before it changed, then cannot stall streaming forever.
     foreign_takeover_s: float = 60.0
+    #: Shards one streamer works on at the same time. With more than one, the
+    #: control-queue requests of one shard (lease, next pass, ack) overlap the
+    #: publishing of another.
+    concurrent_shards: int = 2
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
@@ -109,6 +116,10 @@ class StreamerConfig:
             raise StreamerError(f"lease timeout must be at least 2 s, got {self.lease_timeout_s!r}")
         if self.foreign_takeover_s <= 0:
             raise StreamerError(f"foreign shard takeover time must be positive, got {self.foreign_takeover_s!r}")
+        if not 1 <= self.concurrent_shards <= MAX_CONCURRENT_SHARDS:
+            raise StreamerError(
+                f"concurrent shards must be 1 to {MAX_CONCURRENT_SHARDS}, got {self.concurrent_shards!r}"
+            )
 
 
 class Streamer:
@@ -168,7 +179,22 @@ class Streamer:
         await self._create_queues()
         await self._join_or_create_run(header, file_size)
         self.ready = True
+        try:
+            async with asyncio.TaskGroup() as workers:
+                for _ in range(self.config.concurrent_shards):
+                    workers.create_task(self._work_on_shards(header, file_size))
+        except BaseExceptionGroup as group:
+            # A worker's error ends the others. run() raises that error itself, not a group.
+            raise group.exceptions[0] from None
+        finally:
+            self.ready = False
 
+    async def _work_on_shards(self, header: CsvHeader, file_size: int) -> None:
+        """Lease and publish shards, one at a time, until stopped or the last pass is done.
+
+        ``run()`` runs ``concurrent_shards`` of these side by side. They share the
+        work through the control queue as separate streamers do.
+        """
         while not self._stop.is_set():
             leased = await self._unless_stopped(
                 self.queue.lease(
@@ -191,7 +217,6 @@ class Streamer:
                 # dropped, not because this file's passes are done.
                 self._took_over = False
                 await self._join_or_create_run(header, file_size)
-        self.ready = False
 
     async def _unless_stopped(self, call: Coroutine[Any, Any, T]) -> T | None:
         """Await ``call`` unless a stop is requested first; then cancel it and return ``None``.

@@ -121,10 +121,15 @@ class OutgoingMessage:
         return item
 
 
-@dataclass(frozen=True, slots=True)
-class PublishResult:
+class PublishResult(msgspec.Struct, frozen=True):
+    """Outcome of one published message: its id, and whether its key was already stored."""
+
     id: str
     duplicate: bool
+
+
+class _PublishResponse(msgspec.Struct):
+    results: list[PublishResult]
 
 
 BodyT = TypeVar("BodyT")
@@ -144,22 +149,26 @@ class _LeaseResponse(msgspec.Struct, Generic[BodyT]):
     messages: list[LeasedMessage[BodyT]]
 
 
-@dataclass(frozen=True, slots=True)
-class ReceiptResult:
+class ReceiptResult(msgspec.Struct, frozen=True):
     """Outcome of an ack, nack or extend for one receipt.
 
-    ``status`` is ``acked``, ``nacked``, ``dead_lettered`` or ``extended`` on success;
-    ``stale`` when the message was leased again since this receipt was issued;
-    ``not_found`` when the message is gone (already acked, dead-lettered or deleted);
-    ``invalid`` for a receipt the server cannot parse.
+    ``receipt`` is the receipt as sent. ``status`` is ``acked``, ``nacked``,
+    ``dead_lettered`` or ``extended`` on success; ``stale`` when the message was
+    leased again since this receipt was issued; ``not_found`` when the message is
+    gone (already acked, dead-lettered or deleted); ``invalid`` for a receipt the
+    server cannot parse.
     """
 
-    receipt: str
+    receipt: Any
     status: str
 
     @property
     def ok(self) -> bool:
         return self.status in ("acked", "nacked", "dead_lettered", "extended")
+
+
+class _ReceiptsResponse(msgspec.Struct):
+    results: list[ReceiptResult]
 
 
 @dataclass
@@ -310,8 +319,14 @@ class QueueClient:
                 items.append(message.to_json())
             else:
                 items.append(dict(message))
-        answer = await self._call(queue, "POST", f"/v1/queues/{queue}/messages", {"messages": items})
-        return [PublishResult(id=r["id"], duplicate=r["duplicate"]) for r in answer["results"]]
+        answer: _PublishResponse = await self._call(
+            queue,
+            "POST",
+            f"/v1/queues/{queue}/messages",
+            {"messages": items},
+            decode=_struct_decoder(_PublishResponse),
+        )
+        return answer.results
 
     async def lease(
         self,
@@ -382,8 +397,10 @@ class QueueClient:
         return int(answer["redriven"])
 
     async def _receipts(self, queue: str, verb: str, payload: dict[str, Any]) -> list[ReceiptResult]:
-        answer = await self._call(queue, "POST", f"/v1/queues/{queue}/{verb}", payload)
-        return [ReceiptResult(receipt=r["receipt"], status=r["status"]) for r in answer["results"]]
+        answer: _ReceiptsResponse = await self._call(
+            queue, "POST", f"/v1/queues/{queue}/{verb}", payload, decode=_struct_decoder(_ReceiptsResponse)
+        )
+        return answer.results
 
     # Transport
 
@@ -544,6 +561,26 @@ def _decode_lease(method: str, url: str, path: str, response: httpx.Response) ->
         )
         for m in answer["messages"]
     ]
+
+
+@functools.cache
+def _struct_decoder(response_type: type[msgspec.Struct]) -> _Decoder:
+    """Return a decoder of responses of one fixed shape, straight into ``response_type``."""
+    decoder = msgspec.json.Decoder(response_type)
+
+    def decode(method: str, url: str, path: str, response: httpx.Response) -> Any:
+        try:
+            return decoder.decode(response.content)
+        except msgspec.DecodeError as exc:
+            if not isinstance(exc, msgspec.ValidationError):
+                # Raises the usual QueueError for a body that is not JSON.
+                _decode_success(method, url, path, response)
+            raise QueueError(
+                f"{method} {url}{path} returned HTTP {response.status_code} with an unexpected "
+                f"response body ({exc}); check that the URL points at a queue server"
+            ) from exc
+
+    return decode
 
 
 @functools.cache

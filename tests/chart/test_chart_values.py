@@ -107,12 +107,13 @@ MAPPINGS = {
     ("Deployment", "-streamer"): (
         {"streamer": {"host": "127.0.0.3", "port": 9201, "logLevel": "WARNING", "csv": "/data/dump.csv",
                       "intervalS": 2.5, "rate": 300, "batchSize": 250, "passes": 3, "rowsPerShard": 100,
-                      "controlQueue": "shards.b", "leaseTimeoutS": 30, "queueHttp2": False,
+                      "controlQueue": "shards.b", "leaseTimeoutS": 30, "concurrentShards": 4, "queueHttp2": False,
                       "queueUrls": ["http://queue-a:8500", "http://queue-b:8500"]}},
         {"STREAMER_HOST": "127.0.0.3", "STREAMER_PORT": "9201", "STREAMER_LOG_LEVEL": "WARNING",
          "STREAMER_CSV": "/data/dump.csv", "STREAMER_INTERVAL_S": "2.5", "STREAMER_RATE": "300",
          "STREAMER_BATCH_SIZE": "250", "STREAMER_PASSES": "3", "STREAMER_ROWS_PER_SHARD": "100",
-         "STREAMER_CONTROL_QUEUE": "shards.b", "STREAMER_LEASE_TIMEOUT_S": "30", "STREAMER_QUEUE_HTTP2": "false",
+         "STREAMER_CONTROL_QUEUE": "shards.b", "STREAMER_LEASE_TIMEOUT_S": "30", "STREAMER_CONCURRENT_SHARDS": "4",
+         "STREAMER_QUEUE_HTTP2": "false",
          "STREAMER_QUEUE_URLS": "http://queue-a:8500,http://queue-b:8500"},
     ),
     ("Deployment", "-collector"): (

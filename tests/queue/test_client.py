@@ -153,6 +153,27 @@ def test_non_json_success_raises_queue_error() -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize(
+    ("response", "message"),
+    [
+        (httpx.Response(200, text="<html>proxy</html>"), "not JSON"),
+        (httpx.Response(200, json={"results": [{"receipt": "r"}]}), "unexpected response body"),
+        (httpx.Response(200, json={"status": "ok"}), "unexpected response body"),
+        (httpx.Response(204), "unexpected response body"),
+    ],
+)
+@respx.mock
+def test_unexpected_ack_response_raises_queue_error(response: httpx.Response, message: str) -> None:
+    respx.post(f"{URL}/v1/queues/q/acks").mock(return_value=response)
+
+    async def scenario() -> None:
+        async with QueueClient(URL, retry=FAST, http2=False) as client:
+            with pytest.raises(QueueError, match=message):
+                await client.ack("q", ["r"])
+
+    asyncio.run(scenario())
+
+
 @respx.mock
 def test_long_poll_read_timeout_covers_wait() -> None:
     route = respx.post(f"{URL}/v1/queues/q/leases").mock(return_value=httpx.Response(200, json={"messages": []}))

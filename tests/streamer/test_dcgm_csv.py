@@ -317,6 +317,19 @@ def test_message_body_leaves_row_unchanged(tmp_path: Path) -> None:
     assert list(body) == list(before)
 
 
+def test_parse_labels_repeats_from_cache() -> None:
+    text = 'job="dcgm",gpu="0"'
+
+    first = parse_labels(text)
+    first["job"] = "changed"
+    second = parse_labels(text)
+
+    assert second == {"job": "dcgm", "gpu": "0"}
+    for _ in range(2):
+        with pytest.raises(ValueError, match="labels"):
+            parse_labels('a="1",b')
+
+
 def test_parse_labels_error_names_position() -> None:
     with pytest.raises(ValueError, match="at character 6: 'b'"):
         parse_labels('a="1",b')

@@ -95,6 +95,7 @@ INVALID_OPTIONS = [
     ("STREAMER_PASSES", "--passes", "-1", "= -1 is invalid: expected 0 or more"),
     ("STREAMER_ROWS_PER_SHARD", "--rows-per-shard", "0", "= 0 is invalid: expected 1 or more"),
     ("STREAMER_LEASE_TIMEOUT_S", "--lease-timeout", "1.5", "= 1.5 is invalid: expected 2 or more seconds"),
+    ("STREAMER_CONCURRENT_SHARDS", "--concurrent-shards", "17", "= 17 is invalid: expected 1 to 16"),
     ("STREAMER_PORT", "--port", "70000", "= 70000 is invalid: expected 0 to 65535"),
     ("STREAMER_LOG_LEVEL", "--log-level", "loud", "= 'loud' is invalid: expected one of DEBUG, INFO, WARNING, ERROR"),
 ]
@@ -142,6 +143,8 @@ def test_invalid_flag_named(
         ("passes", 0, -1),
         ("rows_per_shard", 1, 0),
         ("lease_timeout_s", 2.0, 1.999),
+        ("concurrent_shards", 1, 0),
+        ("concurrent_shards", 16, 17),
     ],
 )
 def test_cli_ranges_match_config(field: str, valid: float, invalid: float) -> None:

@@ -78,7 +78,14 @@ def test_streamer_joins_and_another_stops(queue_server: Any, streamers: Any, tmp
     csv = write_dump(tmp_path / "dump.csv", hosts=2, gpus_per_host=4)  # 80 rows
     # With no interval every pass is due at once, so both streamers are always busy
     # and the stopped one is nearly always holding a shard, which it must hand back.
-    options = {"passes": 10, "interval": 0, "rows_per_shard": 10, "batch_size": 5, "rate": 100}
+    options = {
+        "passes": 10,
+        "interval": 0,
+        "rows_per_shard": 10,
+        "batch_size": 5,
+        "rate": 100,
+        "concurrent_shards": 2,
+    }
 
     first = streamers(queue_server.url, csv, **options)
     wait_for_metric(first, "streamer_shards_completed_total", timeout_s=15)
@@ -94,7 +101,8 @@ def test_streamer_joins_and_another_stops(queue_server: Any, streamers: Any, tmp
 
     assert first_code == 0
     assert stop_took < 5
-    assert leased_after_stop <= 1  # only the running streamer's shard: nothing waits for a lease to expire
+    # Only the shards of the running streamer are leased: nothing waits for a lease to expire.
+    assert leased_after_stop <= options["concurrent_shards"]
     assert second_code == 0
     assert_each_row_once_per_pass(drain_telemetry(queue_server.url), rows=80, passes=10)
 
@@ -152,7 +160,16 @@ async def test_backpressure_slows_without_loss(queue_server: Any, tmp_path: Path
     csv = write_dump(tmp_path / "dump.csv", hosts=2, gpus_per_host=4)  # 80 rows
     transport = RejectEveryOtherPublish()
     retry = RetryPolicy(max_attempts=None, initial_backoff_s=0.01, max_backoff_s=0.05)
-    config = StreamerConfig(csv_path=csv, interval_s=0, passes=2, rows_per_shard=20, batch_size=10, lease_wait_s=0.1)
+    # One shard at a time, so the waits after the 16 rejections add up.
+    config = StreamerConfig(
+        csv_path=csv,
+        interval_s=0,
+        passes=2,
+        rows_per_shard=20,
+        batch_size=10,
+        lease_wait_s=0.1,
+        concurrent_shards=1,
+    )
 
     async with QueueClient(queue_server.url, transport=transport, retry=retry) as queue:
         streamer = Streamer(queue, config)

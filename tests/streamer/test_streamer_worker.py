@@ -82,7 +82,7 @@ async def test_streamers_share_passes_without_overlap(fake_queue: FakeQueue, sma
 
 
 async def test_stopped_streamer_hands_shard_back(fake_queue: FakeQueue, small_csv: Path) -> None:
-    slow = Streamer(fake_queue, config(small_csv, batch_size=5, rate=200, passes=2))  # type: ignore[arg-type]
+    slow = Streamer(fake_queue, config(small_csv, batch_size=5, rate=200, passes=2, concurrent_shards=1))  # type: ignore[arg-type]
     steady = Streamer(fake_queue, config(small_csv, passes=2))  # type: ignore[arg-type]
 
     slow_task = asyncio.create_task(slow.run())
@@ -101,6 +101,39 @@ async def test_stopped_streamer_hands_shard_back(fake_queue: FakeQueue, small_cs
     assert {line_and_pass(r) for r in published_records(fake_queue)} == {
         (line, pass_index) for line in range(2, 82) for pass_index in range(2)
     }
+
+
+async def test_concurrent_shards_all_handed_back(fake_queue: FakeQueue, small_csv: Path) -> None:
+    streamer = Streamer(fake_queue, config(small_csv, batch_size=5, rate=100, passes=2, concurrent_shards=3))  # type: ignore[arg-type]
+
+    task = asyncio.create_task(streamer.run())
+    async with asyncio.timeout(5):
+        while streamer.metrics.shards_held._value.get() < 3:
+            await asyncio.sleep(0.005)
+    streamer.request_stop()
+    await asyncio.wait_for(task, timeout=5)
+    messages = fake_queue.queues[CONTROL_QUEUE].messages.values()
+
+    assert sum(1 for m in messages if m.deliveries and not m.leased) == 3
+    assert not any(m.leased for m in messages)
+    assert streamer.metrics.shards_held._value.get() == 0
+
+
+async def test_concurrent_shards_publish_each_row_once(fake_queue: FakeQueue, small_csv: Path) -> None:
+    streamer = Streamer(fake_queue, config(small_csv, concurrent_shards=4))  # type: ignore[arg-type]
+
+    await asyncio.wait_for(streamer.run(), timeout=10)
+
+    assert sorted(line_and_pass(r) for r in published_records(fake_queue)) == sorted(
+        (line, pass_index) for line in range(2, 82) for pass_index in range(3)
+    )
+    assert fake_queue.queues[CONTROL_QUEUE].messages == {}
+
+
+@pytest.mark.parametrize("concurrent_shards", [0, 17])
+def test_config_rejects_concurrent_shards_out_of_range(small_csv: Path, concurrent_shards: int) -> None:
+    with pytest.raises(StreamerError, match="concurrent shards must be 1 to 16"):
+        config(small_csv, concurrent_shards=concurrent_shards)
 
 
 @pytest.mark.parametrize("window_passed", [True, False], ids=["after-dedup-window", "within-dedup-window"])
