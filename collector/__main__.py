@@ -18,11 +18,11 @@ from sqlalchemy.exc import ArgumentError
 
 from collector.http import HealthServer
 from collector.push import add_push_arguments, push_settings, run_push_mode
-from collector.worker import Collector, CollectorConfig, InvalidConfig
+from collector.worker import Collector, CollectorConfig
 from telemetry.database import DEFAULT_DATABASE_URL, make_engine
 from telemetry.queue_client import QueueClient
 from telemetry.record import TELEMETRY_QUEUE
-from telemetry.settings import SettingsError, env_bool, env_float, env_int, env_str
+from telemetry.settings import InvalidConfig, SettingsError, env_bool, env_float, env_int, env_str
 
 logger = logging.getLogger("collector")
 
@@ -213,15 +213,6 @@ def check_options(args: argparse.Namespace) -> None:
         ) from exc
 
 
-def invalid_option_message(error: InvalidConfig) -> str:
-    """Return ``error`` as a message naming the environment variable and flag of its option."""
-    sources = OPTION_SOURCES.get(error.field)
-    if sources is None:
-        return str(error)
-    variable, flag = sources
-    return f"{variable} / {flag} = {error.value!r} is invalid: expected {error.expected}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the settings, configure logging and run the collector. Return the exit status."""
     try:
@@ -244,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         push = push_settings(args) if args.mode == "push" else None
     except InvalidConfig as exc:
-        parser.error(invalid_option_message(exc))
+        parser.error(exc.describe(OPTION_SOURCES))
     except ValueError as exc:
         parser.error(str(exc))
 

@@ -50,11 +50,10 @@ from starlette.routing import Route
 from collector.http import create_health_app
 from collector.metrics import CollectorMetrics
 from collector.storage import StoreResult, store_records
-from collector.worker import InvalidConfig
 from telemetry.database import make_engine
 from telemetry.queue_client import QueueClient, QueueError
 from telemetry.record import InvalidRecord, TelemetryRecord
-from telemetry.settings import env_float, env_int, env_str
+from telemetry.settings import InvalidConfig, env_float, env_int, env_str
 from telemetry.webhooks import (
     DEFAULT_TOLERANCE_S,
     InvalidSecret,

@@ -40,6 +40,7 @@ from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from collector.metrics import CollectorMetrics
 from collector.storage import KnownGpus, StoreResult, store_records
 from telemetry.queue_client import LeasedMessage, QueueClient, QueueError, QueueNotFound
+from telemetry.settings import InvalidConfig
 from telemetry.record import (
     TELEMETRY_QUEUE,
     AnyRecord,
@@ -48,7 +49,7 @@ from telemetry.record import (
     TelemetryRecord,
 )
 
-__all__ = ["Collector", "CollectorConfig", "InvalidConfig"]
+__all__ = ["Collector", "CollectorConfig"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,21 +58,6 @@ REJECTED_BY_DATABASE = "rejected_by_database"
 
 #: How long a stopping collector waits for a lease request in flight, in seconds.
 STOP_LEASE_GRACE_S = 1.0
-
-
-class InvalidConfig(ValueError):
-    """A collector option with a value out of its range.
-
-    ``field`` is the option's attribute name on the parsed command line (for most
-    options also the ``CollectorConfig`` field), so the command line can name the
-    environment variable and flag that set it.
-    """
-
-    def __init__(self, field: str, value: object, expected: str) -> None:
-        super().__init__(f"{field}={value!r} is invalid: expected {expected}")
-        self.field = field
-        self.value = value
-        self.expected = expected
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

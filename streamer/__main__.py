@@ -23,14 +23,13 @@ from streamer.http import bind_socket, make_app, make_server
 from streamer.metrics import StreamerMetrics
 from streamer.worker import (
     CONTROL_QUEUE,
-    MAX_BATCH_SIZE,
     MAX_CONCURRENT_SHARDS,
     Streamer,
     StreamerConfig,
     StreamerError,
 )
 from telemetry.queue_client import QueueClient, QueueRequestError, RetryPolicy
-from telemetry.settings import SettingsError, env_bool, env_float, env_int, env_str
+from telemetry.settings import InvalidConfig, SettingsError, env_bool, env_float, env_int, env_str
 
 logger = logging.getLogger("streamer")
 
@@ -48,7 +47,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 @dataclass(frozen=True)
 class OptionCheck:
-    """The valid values of one option, and the environment variable and flag that set it."""
+    """The valid values of one command-line option that ``StreamerConfig`` does not check."""
 
     attribute: str
     variable: str
@@ -57,25 +56,25 @@ class OptionCheck:
     expected: str
 
 
-# NOTE: the numeric ranges repeat the checks of StreamerConfig.__post_init__, so
-# that an invalid value is reported with its variable and flag; keep both in step.
 OPTION_CHECKS = (
     OptionCheck("queue_urls", "STREAMER_QUEUE_URLS", "--queue-urls",
                 lambda urls: any(url.strip() for url in urls.split(",")), "one or more comma-separated URLs"),
-    OptionCheck("interval", "STREAMER_INTERVAL_S", "--interval", lambda value: value >= 0, "0 or more seconds"),
-    OptionCheck("rate", "STREAMER_RATE", "--rate", lambda value: value >= 0, "0 or more rows per second"),
-    OptionCheck("batch_size", "STREAMER_BATCH_SIZE", "--batch-size",
-                lambda value: 1 <= value <= MAX_BATCH_SIZE, f"1 to {MAX_BATCH_SIZE}"),
-    OptionCheck("passes", "STREAMER_PASSES", "--passes", lambda value: value >= 0, "0 or more"),
-    OptionCheck("rows_per_shard", "STREAMER_ROWS_PER_SHARD", "--rows-per-shard", lambda value: value >= 1, "1 or more"),
-    OptionCheck("lease_timeout", "STREAMER_LEASE_TIMEOUT_S", "--lease-timeout",
-                lambda value: value >= 2, "2 or more seconds"),
-    OptionCheck("concurrent_shards", "STREAMER_CONCURRENT_SHARDS", "--concurrent-shards",
-                lambda value: 1 <= value <= MAX_CONCURRENT_SHARDS, f"1 to {MAX_CONCURRENT_SHARDS}"),
     OptionCheck("port", "STREAMER_PORT", "--port", lambda value: 0 <= value <= 65535, "0 to 65535"),
     OptionCheck("log_level", "STREAMER_LOG_LEVEL", "--log-level",
                 lambda value: value.upper() in LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)),
 )
+
+#: Environment variable and flag of each ``StreamerConfig`` field that the command
+#: line sets, to name them when the config rejects a value.
+CONFIG_SOURCES = {
+    "interval_s": ("STREAMER_INTERVAL_S", "--interval"),
+    "rate": ("STREAMER_RATE", "--rate"),
+    "batch_size": ("STREAMER_BATCH_SIZE", "--batch-size"),
+    "passes": ("STREAMER_PASSES", "--passes"),
+    "rows_per_shard": ("STREAMER_ROWS_PER_SHARD", "--rows-per-shard"),
+    "lease_timeout_s": ("STREAMER_LEASE_TIMEOUT_S", "--lease-timeout"),
+    "concurrent_shards": ("STREAMER_CONCURRENT_SHARDS", "--concurrent-shards"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def serve(args: argparse.Namespace) -> None:
-    """Run the streamer and its HTTP endpoints until the streamer returns."""
-    config = StreamerConfig(
+def build_config(args: argparse.Namespace) -> StreamerConfig:
+    """Build the streamer's config from the parsed options; ``InvalidConfig`` for a value out of range."""
+    return StreamerConfig(
         csv_path=args.csv,
         interval_s=args.interval,
         rate=args.rate,
@@ -147,6 +146,10 @@ async def serve(args: argparse.Namespace) -> None:
         lease_timeout_s=args.lease_timeout,
         concurrent_shards=args.concurrent_shards,
     )
+
+
+async def serve(args: argparse.Namespace, config: StreamerConfig) -> None:
+    """Run the streamer and its HTTP endpoints until the streamer returns."""
     metrics = StreamerMetrics()
     queue = QueueClient(
         args.queue_urls, token=args.queue_token or None, http2=args.queue_http2, retry=PUBLISH_RETRY
@@ -232,12 +235,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem is not None:
         print(f"telemetry-streamer: {problem}", file=sys.stderr)
         return 2
+    try:
+        config = build_config(args)
+    except InvalidConfig as exc:
+        print(f"telemetry-streamer: {exc.describe(CONFIG_SOURCES)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         # httpx logs every request at INFO, thousands of lines a minute here.
         logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        asyncio.run(serve(args))
+        asyncio.run(serve(args, config))
     except StreamerError as exc:
         logger.error("%s", exc)
         return 2

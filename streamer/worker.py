@@ -30,6 +30,7 @@ from streamer.shards import (
 from streamer.stamps import ProcessingClock
 from telemetry.queue_client import LeasedMessage, OutgoingMessage, QueueClient
 from telemetry.record import TELEMETRY_QUEUE
+from telemetry.settings import InvalidConfig
 
 __all__ = ["StreamerConfig", "Streamer", "StreamerError", "CONTROL_QUEUE"]
 
@@ -103,23 +104,23 @@ class StreamerConfig:
     concurrent_shards: int = 2
 
     def __post_init__(self) -> None:
+        """Raise ``InvalidConfig`` for the first option out of its range."""
+        if self.interval_s < 0:
+            raise InvalidConfig("interval_s", self.interval_s, "0 or more seconds")
+        if self.rate < 0:
+            raise InvalidConfig("rate", self.rate, "0 or more rows per second")
         if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
-            raise StreamerError(f"batch size must be 1 to {MAX_BATCH_SIZE}, got {self.batch_size!r}")
-        if self.interval_s < 0 or self.rate < 0 or self.passes < 0:
-            raise StreamerError(
-                f"interval ({self.interval_s!r}), rate ({self.rate!r}) and passes ({self.passes!r}) "
-                "must not be negative"
-            )
+            raise InvalidConfig("batch_size", self.batch_size, f"1 to {MAX_BATCH_SIZE}")
+        if self.passes < 0:
+            raise InvalidConfig("passes", self.passes, "0 or more")
         if self.rows_per_shard < 1:
-            raise StreamerError(f"rows per shard must be at least 1, got {self.rows_per_shard!r}")
+            raise InvalidConfig("rows_per_shard", self.rows_per_shard, "1 or more")
         if self.lease_timeout_s < 2:
-            raise StreamerError(f"lease timeout must be at least 2 s, got {self.lease_timeout_s!r}")
+            raise InvalidConfig("lease_timeout_s", self.lease_timeout_s, "2 or more seconds")
         if self.foreign_takeover_s <= 0:
-            raise StreamerError(f"foreign shard takeover time must be positive, got {self.foreign_takeover_s!r}")
+            raise InvalidConfig("foreign_takeover_s", self.foreign_takeover_s, "more than 0 seconds")
         if not 1 <= self.concurrent_shards <= MAX_CONCURRENT_SHARDS:
-            raise StreamerError(
-                f"concurrent shards must be 1 to {MAX_CONCURRENT_SHARDS}, got {self.concurrent_shards!r}"
-            )
+            raise InvalidConfig("concurrent_shards", self.concurrent_shards, f"1 to {MAX_CONCURRENT_SHARDS}")
 
 
 class Streamer:

@@ -11,13 +11,35 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-__all__ = ["SettingsError", "env_str", "env_int", "env_float", "env_bool", "env_list"]
+__all__ = ["SettingsError", "InvalidConfig", "env_str", "env_int", "env_float", "env_bool", "env_list"]
 
 T = TypeVar("T")
 
 
 class SettingsError(ValueError):
     """An environment variable contains a value that cannot be used."""
+
+
+class InvalidConfig(ValueError):
+    """A component option with a value out of its range.
+
+    ``field`` is the option's attribute name in the component's config class (or
+    on its parsed command line, for options only the command line has), so the
+    command line can name the environment variable and flag that set it.
+    """
+
+    def __init__(self, field: str, value: object, expected: str) -> None:
+        super().__init__(f"{field}={value!r} is invalid: expected {expected}")
+        self.field = field
+        self.value = value
+        self.expected = expected
+
+    def describe(self, sources: Mapping[str, tuple[str, str]]) -> str:
+        """Return the message with the environment variable and flag that ``sources`` gives for the field."""
+        if self.field not in sources:
+            return str(self)
+        variable, flag = sources[self.field]
+        return f"{variable} / {flag} = {self.value!r} is invalid: expected {self.expected}"
 
 
 def _read(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -13,10 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
-from streamer.__main__ import DEFAULT_CSV, OPTION_CHECKS
+from streamer.__main__ import CONFIG_SOURCES, DEFAULT_CSV, build_parser
 from streamer.__main__ import main as streamer_main
-from streamer.worker import StreamerConfig, StreamerError
+from streamer.worker import StreamerConfig
 from streamer.sample import main as sample_main
+from telemetry.settings import InvalidConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -147,16 +149,25 @@ def test_invalid_flag_named(
         ("concurrent_shards", 16, 17),
     ],
 )
-def test_cli_ranges_match_config(field: str, valid: float, invalid: float) -> None:
-    """The command line accepts exactly what ``StreamerConfig`` accepts, at each range's edge."""
-    attribute = {"interval_s": "interval", "lease_timeout_s": "lease_timeout"}.get(field, field)
-    check = next(check for check in OPTION_CHECKS if check.attribute == attribute)
-
+def test_config_range_edges(field: str, valid: float, invalid: float) -> None:
+    """``StreamerConfig`` accepts each range's edge, rejects the value past it and names the field."""
     StreamerConfig(csv_path=DEFAULT_CSV, **{field: valid})
-    with pytest.raises(StreamerError):
+    with pytest.raises(InvalidConfig) as rejected:
         StreamerConfig(csv_path=DEFAULT_CSV, **{field: invalid})
-    assert check.is_valid(valid)
-    assert not check.is_valid(invalid)
+
+    assert rejected.value.field == field
+    assert rejected.value.value == invalid
+    assert field in CONFIG_SOURCES
+
+
+def test_config_sources_name_real_flags() -> None:
+    help_text = " ".join(build_parser().format_help().split())
+    fields = {field.name for field in dataclasses.fields(StreamerConfig)}
+
+    for field, (variable, flag) in CONFIG_SOURCES.items():
+        assert field in fields
+        assert flag in help_text
+        assert variable in help_text
 
 
 def test_streamer_endpoints_and_sigterm(queue_server: Any, streamers: Any) -> None:

@@ -19,6 +19,7 @@ from streamer.shards import RunMessage, ShardMessage
 from streamer.worker import CONTROL_QUEUE, Streamer, StreamerConfig, StreamerError
 from telemetry.queue_client import OutgoingMessage
 from telemetry.record import TELEMETRY_QUEUE, TelemetryRecord
+from telemetry.settings import InvalidConfig
 
 pytestmark = pytest.mark.anyio
 
@@ -132,7 +133,7 @@ async def test_concurrent_shards_publish_each_row_once(fake_queue: FakeQueue, sm
 
 @pytest.mark.parametrize("concurrent_shards", [0, 17])
 def test_config_rejects_concurrent_shards_out_of_range(small_csv: Path, concurrent_shards: int) -> None:
-    with pytest.raises(StreamerError, match="concurrent shards must be 1 to 16"):
+    with pytest.raises(InvalidConfig, match="concurrent_shards=.* is invalid: expected 1 to 16"):
         config(small_csv, concurrent_shards=concurrent_shards)
 
 
@@ -241,7 +242,7 @@ async def test_foreign_shards_dropped_after_takeover_time(fake_queue: FakeQueue,
 
 
 def test_foreign_takeover_time_must_be_positive(small_csv: Path) -> None:
-    with pytest.raises(StreamerError, match="takeover"):
+    with pytest.raises(InvalidConfig, match="foreign_takeover_s=0 is invalid"):
         config(small_csv, foreign_takeover_s=0)
 
 
@@ -267,7 +268,7 @@ async def test_rate_limiter_without_cap_never_waits() -> None:
 
 
 def test_config_rejects_oversized_batch(small_csv: Path) -> None:
-    with pytest.raises(StreamerError, match="batch size must be 1 to 1000"):
+    with pytest.raises(InvalidConfig, match="batch_size=1001 is invalid: expected 1 to 1000"):
         StreamerConfig(csv_path=small_csv, batch_size=1001)
 
 
