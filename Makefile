@@ -79,7 +79,9 @@ SCALE_TARGETS = $(if $(call given,STREAMERS),"streamer $(STREAMERS)") \
 	$(if $(call given,COLLECTORS),"collector $(COLLECTORS)",$(if $(call given,STREAMERS),"streamer $(STREAMERS)"))
 
 # circus runs one command at a time and answers "already running" to the next
-# while a scale-down still waits for processes to stop, so each call is retried.
+# while a scale-down still waits for processes to stop, so each call is retried
+# and the output of a rejected attempt is shown only when every attempt fails.
+# circusd logs each rejected attempt as a ConflictError traceback.
 # The last count is set twice: the second call is accepted only once the
 # first has finished, so make scale returns when circus is idle again. circus
 # ignores a stop signal that arrives while it carries out a command.
@@ -91,12 +93,13 @@ scale: $(STAMP)
 	@for target in $(SCALE_TARGETS); do \
 		set -- $$target; done_ok=; \
 		for attempt in $$(seq 60); do \
-			if $(VENV)/bin/circusctl --timeout 90 --endpoint tcp://127.0.0.1:$(CIRCUS_PORT) \
-				set $$1 numprocesses $$2; then done_ok=1; break; fi; \
+			if output=$$($(VENV)/bin/circusctl --timeout 90 --endpoint tcp://127.0.0.1:$(CIRCUS_PORT) \
+				set $$1 numprocesses $$2 2>&1); then done_ok=1; break; fi; \
 			sleep 1; \
 		done; \
-		[ -n "$$done_ok" ] || { echo "make scale: circus did not accept $$1 numprocesses $$2" >&2; exit 1; }; \
+		[ -n "$$done_ok" ] || { echo "make scale: circus did not accept $$1 numprocesses $$2: $$output" >&2; exit 1; }; \
 	done
+	@echo "make scale: done:$(if $(call given,STREAMERS), STREAMERS=$(STREAMERS))$(if $(call given,COLLECTORS), COLLECTORS=$(COLLECTORS))"
 
 migrate: $(STAMP)
 	mkdir -p $(DATA_DIR)

@@ -71,6 +71,7 @@ def test_make_run_scale_and_stop(tmp_path: Path) -> None:
         f"API_PORT={api_port}",
         f"QUEUE_PORT={queue_port}",
         f"CIRCUS_PORT={circus_port}",
+        "STREAMER_ROWS_PER_SHARD=50",
         log=log,
     )
     stack: list[psutil.Process] = []
@@ -81,8 +82,13 @@ def test_make_run_scale_and_stop(tmp_path: Path) -> None:
         assert f"make scale STREAMERS=4 COLLECTORS=1 CIRCUS_PORT={circus_port}" in banner
         assert f"http://127.0.0.1:{api_port}/docs" in banner
 
-        scale = make("scale", "STREAMERS=1", "COLLECTORS=1", f"CIRCUS_PORT={circus_port}")
+        # A variable on make's command line reaches the streamers: 320 sample rows make 7 shards.
+        assert "7 shards of up to 50 rows" in banner
+
+        scale_log = tmp_path / "make-scale.log"
+        scale = make("scale", "STREAMERS=1", "COLLECTORS=1", f"CIRCUS_PORT={circus_port}", log=scale_log)
         assert scale.wait(timeout=300) == 0
+        assert scale_log.read_text().strip() == "make scale: done: STREAMERS=1 COLLECTORS=1"
         assert numprocesses(circus_port, "streamer") == 1
         assert numprocesses(circus_port, "collector") == 1
 
