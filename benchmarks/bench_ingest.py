@@ -13,7 +13,9 @@ the same tables and indexes:
    ``KnownGpus`` cache as the collector uses it;
 3. collector: a real ``telemetry-collector`` process drains a real queue server
    pre-filled with the rows as messages, timed from the moment it logs its health
-   port until the queue has acknowledged every message.
+   port until the queue has acknowledged every message. The same is measured
+   with two collector processes competing for the messages, as a deployment
+   scales them out.
 
 Once per run, the queue path alone is measured too: this process leases and
 acknowledges the pre-filled messages with two lease requests in flight, as the
@@ -255,25 +257,33 @@ def acked_total(url: str) -> int:
     return int(response.json()["stats"]["acked_total"])
 
 
-def collector_rate(database_url: str, records: Sequence[TelemetryRecord], work_dir: Path, fsync: str) -> float:
+def collector_rate(
+    database_url: str, records: Sequence[TelemetryRecord], work_dir: Path, fsync: str, processes: int = 1
+) -> float:
     with queue_server(work_dir, fsync) as url:
         asyncio.run(prefill(url, records))
-        log_path = work_dir / "collector.log"
         env = {**os.environ, "COLLECTOR_QUEUE_URLS": url, "DATABASE_URL": database_url,
                "COLLECTOR_PORT": "0", "COLLECTOR_WAIT_S": "1"}
-        with log_path.open("wb") as log:
-            process = subprocess.Popen([sys.executable, "-m", "collector"], stdout=log,
-                                       stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        started_collectors: list[subprocess.Popen[bytes]] = []
+        log_paths = [work_dir / f"collector-{number}.log" for number in range(processes)]
         try:
-            # The clock starts once the process has imported its modules and
+            for log_path in log_paths:
+                with log_path.open("wb") as log:
+                    started_collectors.append(subprocess.Popen(
+                        [sys.executable, "-m", "collector"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+                    ))
+            # The clock starts once every process has imported its modules and
             # logged its health port, so interpreter start-up is not counted.
-            wait_until(lambda: "endpoints on" in log_path.read_text(), 60, interval_s=0.01)
+            for log_path in log_paths:
+                wait_until(lambda path=log_path: "endpoints on" in path.read_text(), 60, interval_s=0.01)
             started = time.perf_counter()
             wait_until(lambda: acked_total(url) >= len(records), 1800, interval_s=0.1)
             elapsed = time.perf_counter() - started
         finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+            for process in started_collectors:
+                process.send_signal(signal.SIGTERM)
+            for process in started_collectors:
+                process.wait(timeout=60)
     return len(records) / elapsed
 
 
@@ -305,6 +315,9 @@ def run_database(name: str, url: str, records: Sequence[TelemetryRecord], work_d
 
     migrate(url)
     results["collector"] = collector_rate(url, records, work_dir, fsync)
+
+    migrate(url)
+    results["two_collectors"] = collector_rate(url, records, work_dir, fsync, processes=2)
     print(f"{name}: " + ", ".join(f"{key} {value:,.0f} rows/s" for key, value in results.items())
           + f"; load average {load_average()} at end", flush=True)
     return results
@@ -364,14 +377,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print("TEST_POSTGRES_URL is not set: PostgreSQL skipped", flush=True)
 
-    print("\n| database | ceiling (rows/s, 1000 per tx) | ceiling, one tx | store_records | collector | queue path alone | collector / ceiling | store_records / ceiling | queue path / ceiling |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| database | ceiling (rows/s, 1000 per tx) | ceiling, one tx | store_records | collector | "
+          "2 collectors | queue path alone | collector / ceiling | 2 collectors / ceiling | "
+          "store_records / ceiling | queue path / ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, result in table:
+        ceiling = result["ceiling"]
         print(
-            f"| {name} | {result['ceiling']:,.0f} | {result['ceiling_one_transaction']:,.0f} | "
-            f"{result['store_records']:,.0f} | {result['collector']:,.0f} | {queue_only:,.0f} | "
-            f"{result['collector'] / result['ceiling']:.0%} | {result['store_records'] / result['ceiling']:.0%} | "
-            f"{queue_only / result['ceiling']:.0%} |"
+            f"| {name} | {ceiling:,.0f} | {result['ceiling_one_transaction']:,.0f} | "
+            f"{result['store_records']:,.0f} | {result['collector']:,.0f} | {result['two_collectors']:,.0f} | "
+            f"{queue_only:,.0f} | {result['collector'] / ceiling:.0%} | {result['two_collectors'] / ceiling:.0%} | "
+            f"{result['store_records'] / ceiling:.0%} | {queue_only / ceiling:.0%} |"
         )
     return 0
 
