@@ -40,7 +40,6 @@ from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from collector.metrics import CollectorMetrics
 from collector.storage import KnownGpus, StoreResult, store_records
 from telemetry.queue_client import LeasedMessage, QueueClient, QueueError, QueueNotFound
-from telemetry.settings import InvalidConfig
 from telemetry.record import (
     TELEMETRY_QUEUE,
     AnyRecord,
@@ -48,6 +47,7 @@ from telemetry.record import (
     InvalidRecord,
     TelemetryRecord,
 )
+from telemetry.settings import InvalidConfig
 
 __all__ = ["Collector", "CollectorConfig"]
 
