@@ -4,11 +4,12 @@ The streamer builds these from CSV rows and publishes ``TelemetryRecord.to_body(
 as the message body; the collector validates bodies with ``TelemetryRecord.parse_body``.
 
 ``DecodedRecord`` is the collector's fast path: msgspec decodes and checks a body
-in one pass, about six times faster than JSON decoding plus pydantic validation.
+in one pass, several times faster than JSON decoding plus pydantic validation (an
+ad-hoc timing of 1000 real messages took 1.5 ms against about 11 ms).
 It accepts only bodies that ``TelemetryRecord`` accepts, with equal field values,
 and rejects some that ``TelemetryRecord`` accepts after a type conversion (a
 number sent as a string, for example). Such bodies, and the invalid ones, take
-the ``TelemetryRecord`` path, which also says why a body is invalid.
+the ``TelemetryRecord`` path, which also reports why a body is invalid.
 """
 
 from __future__ import annotations
