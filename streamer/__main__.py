@@ -14,10 +14,8 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from streamer.http import bind_socket, make_app, make_server
 from streamer.metrics import StreamerMetrics
@@ -45,25 +43,6 @@ PUBLISH_RETRY = RetryPolicy(max_attempts=None, max_elapsed_s=None, initial_backo
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-@dataclass(frozen=True)
-class OptionCheck:
-    """The valid values of one command-line option that ``StreamerConfig`` does not check."""
-
-    attribute: str
-    variable: str
-    flag: str
-    is_valid: Callable[[Any], bool]
-    expected: str
-
-
-OPTION_CHECKS = (
-    OptionCheck("queue_urls", "STREAMER_QUEUE_URLS", "--queue-urls",
-                lambda urls: any(url.strip() for url in urls.split(",")), "one or more comma-separated URLs"),
-    OptionCheck("port", "STREAMER_PORT", "--port", lambda value: 0 <= value <= 65535, "0 to 65535"),
-    OptionCheck("log_level", "STREAMER_LOG_LEVEL", "--log-level",
-                lambda value: value.upper() in LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)),
-)
-
 #: Environment variable and flag of each ``StreamerConfig`` field that the command
 #: line sets, to name them when the config rejects a value.
 CONFIG_SOURCES = {
@@ -74,6 +53,14 @@ CONFIG_SOURCES = {
     "rows_per_shard": ("STREAMER_ROWS_PER_SHARD", "--rows-per-shard"),
     "lease_timeout_s": ("STREAMER_LEASE_TIMEOUT_S", "--lease-timeout"),
     "concurrent_shards": ("STREAMER_CONCURRENT_SHARDS", "--concurrent-shards"),
+}
+
+#: Environment variable and flag of every option that an ``InvalidConfig`` can name.
+OPTION_SOURCES = {
+    "queue_urls": ("STREAMER_QUEUE_URLS", "--queue-urls"),
+    "port": ("STREAMER_PORT", "--port"),
+    "log_level": ("STREAMER_LOG_LEVEL", "--log-level"),
+    **CONFIG_SOURCES,
 }
 
 
@@ -215,13 +202,14 @@ async def serve(args: argparse.Namespace, config: StreamerConfig) -> None:
     logger.info("streamer stopped")
 
 
-def invalid_option(args: argparse.Namespace) -> str | None:
-    """Return a message naming the variable, flag and value of the first invalid option, or ``None``."""
-    for check in OPTION_CHECKS:
-        value = getattr(args, check.attribute)
-        if not check.is_valid(value):
-            return f"{check.variable} / {check.flag} = {value!r} is invalid: expected {check.expected}"
-    return None
+def check_options(args: argparse.Namespace) -> None:
+    """Raise ``InvalidConfig`` for an option out of range that ``StreamerConfig`` does not check."""
+    if not any(url.strip() for url in args.queue_urls.split(",")):
+        raise InvalidConfig("queue_urls", args.queue_urls, "one or more comma-separated URLs")
+    if not 0 <= args.port <= 65535:
+        raise InvalidConfig("port", args.port, "0 to 65535")
+    if args.log_level.upper() not in LOG_LEVELS:
+        raise InvalidConfig("log_level", args.log_level, "one of " + ", ".join(LOG_LEVELS))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -231,14 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"telemetry-streamer: {exc}", file=sys.stderr)
         return 2
-    problem = invalid_option(args)
-    if problem is not None:
-        print(f"telemetry-streamer: {problem}", file=sys.stderr)
-        return 2
     try:
+        check_options(args)
         config = build_config(args)
     except InvalidConfig as exc:
-        print(f"telemetry-streamer: {exc.describe(CONFIG_SOURCES)}", file=sys.stderr)
+        print(f"telemetry-streamer: {exc.describe(OPTION_SOURCES)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
