@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_config(args: argparse.Namespace) -> StreamerConfig:
-    """Build the streamer's config from the parsed options; ``InvalidConfig`` for a value out of range."""
+    """Build the streamer's config from the parsed options. Raise ``InvalidConfig`` for a value out of range."""
     return StreamerConfig(
         csv_path=args.csv,
         interval_s=args.interval,

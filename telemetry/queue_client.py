@@ -450,7 +450,7 @@ class QueueClient:
         read_timeout: float | None = None,
         decode: _Decoder | None = None,
     ) -> Any:
-        """Send a request, retrying retryable failures; return the decoded response body.
+        """Send a request, retrying retryable failures, and return the decoded response body.
 
         ``decode`` turns a successful response into the return value; the default
         decodes any JSON.
@@ -545,7 +545,8 @@ def _decode_success(method: str, url: str, path: str, response: httpx.Response) 
         ) from exc
 
 
-#: Turns a successful response into a return value: (method, node URL, path, response).
+#: A function that turns a successful response into a return value, called with
+#: (method, node URL, path, response).
 _Decoder = Callable[[str, str, str, httpx.Response], Any]
 
 

@@ -177,8 +177,8 @@ _AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 class DecodedRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """A telemetry record decoded by msgspec: ``TelemetryRecord``'s fields, constraints and UTC times.
 
-    The collector decodes lease responses straight into these; see the module
-    docstring for how they relate to ``TelemetryRecord``. Timestamps are aware
+    The collector decodes lease responses straight into these. The module
+    docstring says how they relate to ``TelemetryRecord``. Timestamps are aware
     datetimes in UTC, as in ``TelemetryRecord``.
     """
 
@@ -199,15 +199,15 @@ class DecodedRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=
 
     def __post_init__(self) -> None:
         # JSON has no NaN or infinity, and msgspec rejects numbers that overflow a
-        # float, so every decoded value is finite. Offsets other than Z are
-        # converted; a ValueError here makes msgspec raise a ValidationError.
+        # float, so every decoded value is finite. A time with a nonzero offset is
+        # converted to UTC, and a ValueError here makes msgspec raise a ValidationError.
         if self.timestamp.utcoffset():
             msgspec.structs.force_setattr(self, "timestamp", _to_utc(self.timestamp))
         if self.source_timestamp is not None and self.source_timestamp.utcoffset():
             msgspec.structs.force_setattr(self, "source_timestamp", _to_utc(self.source_timestamp))
 
 
-#: Either form of a valid record; both have the same fields, value types and UTC times.
+#: Either form of a valid record. Both have the same fields, value types and UTC times.
 AnyRecord = TelemetryRecord | DecodedRecord
 
 

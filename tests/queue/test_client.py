@@ -231,7 +231,7 @@ class Point(msgspec.Struct, forbid_unknown_fields=True):
     y: int
 
 
-def test_lease_decodes_valid_bodies_into_body_type(tmp_path: Path) -> None:
+def test_typed_lease_decodes_valid_bodies(tmp_path: Path) -> None:
     bodies = [{"x": 1, "y": 2}, {"x": "1", "y": 2}, {"x": 3}, "text", {"x": 4, "y": 5}]
 
     async def scenario() -> None:
