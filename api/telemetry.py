@@ -120,14 +120,20 @@ def _page_response(rows: Sequence[Row[Any]], next_cursor: str | None) -> Respons
     # Built by hand rather than through TelemetryPageSchema, because marshmallow
     # takes longer than the query itself for a page of 1000 samples. orjson
     # writes aware UTC datetimes as format_rfc3339 does, except that it drops a
-    # zero fraction, so only those rare times are formatted here.
+    # zero fraction, so only those times are formatted here. They are common:
+    # exporters stamp scrapes in whole seconds, and a scrape's samples share
+    # their times, so each distinct time of the page is formatted once.
+    whole_seconds: dict[datetime, str] = {}
     items = []
     for row in rows:
         item = dict(zip(_ITEM_FIELDS, row))
         for name in ("timestamp", "source_timestamp"):
             moment = item[name]
             if moment is not None and moment.microsecond == 0:
-                item[name] = format_rfc3339(moment)
+                text = whole_seconds.get(moment)
+                if text is None:
+                    text = whole_seconds[moment] = format_rfc3339(moment)
+                item[name] = text
         items.append(item)
     body = orjson.dumps({"items": items, "next_cursor": next_cursor}, option=orjson.OPT_UTC_Z)
     return Response(body, content_type="application/json")

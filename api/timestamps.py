@@ -1,4 +1,4 @@
-"""Parsing of RFC 3339 timestamps given as query parameters.
+"""Parsing of RFC 3339 timestamps given as query parameters, and their output form.
 
 The database stores microseconds, so a bound with finer fractional seconds is
 rounded toward the inside of the range it limits: a start bound rounds up and an
@@ -12,6 +12,8 @@ import enum
 import re
 from datetime import UTC, datetime, timedelta, timezone
 
+from telemetry.record import format_timestamp
+
 __all__ = ["InvalidTimestamp", "Rounding", "format_rfc3339", "parse_rfc3339"]
 
 _RFC3339 = re.compile(
@@ -22,6 +24,13 @@ _RFC3339 = re.compile(
 
 # A date-time whose '+hh:mm' offset lost its '+' to query-string decoding.
 _PLUS_AS_SPACE = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)? \d{2}:\d{2}")
+
+
+#: Formats an aware datetime as RFC 3339 UTC with six fraction digits, e.g.
+#: ``2025-07-18T20:42:34.500000Z``, so that the strings sort in time order. orjson
+#: writes the same form with ``OPT_UTC_Z``, except that it leaves the fraction out
+#: when it is zero. The messages on the queue carry their times in the same form.
+format_rfc3339 = format_timestamp
 
 
 class InvalidTimestamp(ValueError):
@@ -82,16 +91,6 @@ def parse_rfc3339(text: str, rounding: Rounding = Rounding.DOWN) -> datetime:
         return moment.astimezone(UTC)
     except (ValueError, OverflowError) as exc:
         raise InvalidTimestamp(f"{text!r} is not a valid date-time: {exc}") from exc
-
-
-def format_rfc3339(moment: datetime) -> str:
-    """Format an aware datetime as RFC 3339 UTC with six fraction digits, e.g.
-    ``2025-07-18T20:42:34.500000Z``, so that the strings sort in time order.
-
-    orjson writes the same form with ``OPT_UTC_Z``, except that it leaves the
-    fraction out when it is zero.
-    """
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _parse_offset(offset: str) -> timezone:

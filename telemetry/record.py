@@ -212,8 +212,13 @@ AnyRecord = TelemetryRecord | DecodedRecord
 
 
 def format_timestamp(moment: datetime) -> str:
-    """Format an aware datetime as RFC 3339 UTC with microseconds, e.g. ``2026-01-02T03:04:05.000006Z``."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Format an aware datetime as RFC 3339 UTC with microseconds, e.g. ``2026-01-02T03:04:05.000006Z``.
+
+    The year always has four digits. ``strftime("%Y")`` drops the leading zeros
+    of years before 1000 on glibc, which RFC 3339 parsers reject.
+    """
+    utc = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return utc.isoformat(timespec="microseconds") + "Z"
 
 
 def _describe(exc: ValidationError) -> str:

@@ -210,8 +210,10 @@ def test_flags_override_environment() -> None:
         (datetime(2025, 7, 18, 20, 42, 34, tzinfo=UTC), "2025-07-18T20:42:34.000000Z"),
         (datetime(2025, 7, 18, 20, 42, 34, 500_000, tzinfo=UTC), "2025-07-18T20:42:34.500000Z"),
         (datetime(2025, 7, 18, 20, 42, 34, 7, tzinfo=UTC), "2025-07-18T20:42:34.000007Z"),
+        (datetime(1, 1, 1, tzinfo=UTC), "0001-01-01T00:00:00.000000Z"),
+        (datetime(999, 12, 31, 23, 59, 59, 5, tzinfo=UTC), "0999-12-31T23:59:59.000005Z"),
     ],
-    ids=["whole-second", "half-second", "one-microsecond"],
+    ids=["whole-second", "half-second", "one-microsecond", "year-1", "year-999"],
 )
 def test_format_rfc3339_six_fraction_digits(moment: datetime, expected: str) -> None:
     assert format_rfc3339(moment) == expected

@@ -180,3 +180,19 @@ def test_offset_converted_to_utc() -> None:
     assert fast is not None
     assert fast.timestamp == datetime(2026, 1, 2, 3, 4, 5, 500000, tzinfo=UTC)
     assert fast.timestamp.tzinfo is UTC
+
+
+@pytest.mark.parametrize("year", [1, 999, 1000, 2026])
+def test_formatted_times_decode_back(year: int) -> None:
+    moment = datetime(year, 1, 2, 3, 4, 5, tzinfo=UTC)
+    record = TelemetryRecord.model_validate({**VALID_BODY, "timestamp": moment, "source_timestamp": moment})
+    raw = orjson.dumps(record.to_body())
+
+    fast = decode_fast(raw)
+    slow = decode_pydantic(raw)
+
+    assert fast is not None
+    assert fast.timestamp == moment
+    assert fast.source_timestamp == moment
+    assert slow is not None
+    assert slow.timestamp == moment
