@@ -12,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api.database import get_engine
 from api.problems import RETRY_AFTER_S, log_database_error, problem_response
-from api.queries import probe_tables
+from telemetry.database import missing_tables
 
 __all__ = ["DOCS_ASSETS_PATH", "METRICS_EXTENSION", "health_blueprint"]
 
@@ -46,22 +46,28 @@ def healthz() -> dict[str, Any]:
 @health_blueprint.output(StatusSchema, example={"status": "ok"})
 @health_blueprint.doc(
     summary="Readiness probe",
-    description="Returns 200 when the database is reachable and contains the telemetry tables.",
+    description="Returns 200 when the database is reachable and contains every telemetry table.",
     responses={503: "The database is unreachable or has no telemetry tables yet."},
 )
 def readyz() -> dict[str, Any] | Response:
-    """Return ok when a query of the gpus table succeeds, else a 503 problem."""
-    # Errors become a 503 here instead of in the app-wide handler, so a missing
-    # table on PostgreSQL (ProgrammingError) also counts as not ready.
+    """Return ok when the database answers and has every telemetry table, else a 503 problem."""
     try:
         with get_engine().connect() as connection:
-            probe_tables(connection)
+            missing = missing_tables(connection)
     except SQLAlchemyError as exc:
         cause = getattr(exc, "orig", None) or exc
         log_database_error("readiness check failed: %s", cause)
         return problem_response(
             503,
             f"the database is not ready ({type(cause).__name__}): retry after {RETRY_AFTER_S} seconds",
+            {"Retry-After": str(RETRY_AFTER_S)},
+        )
+    if missing:
+        log_database_error("readiness check failed: missing tables %s", ", ".join(missing))
+        return problem_response(
+            503,
+            f"the database is not ready (missing tables {', '.join(missing)}): apply the "
+            f"migrations, then retry after {RETRY_AFTER_S} seconds",
             {"Retry-After": str(RETRY_AFTER_S)},
         )
     return {"status": "ok"}

@@ -23,7 +23,6 @@ __all__ = [
     "fetch_gpus",
     "fetch_telemetry_page",
     "gpu_exists",
-    "probe_tables",
     "telemetry_page_statement",
 ]
 
@@ -86,11 +85,6 @@ def gpu_exists(connection: Connection, gpu_uuid: str) -> bool:
     """Return whether telemetry of the GPU with ``gpu_uuid`` is stored."""
     statement = select(_gpus.c.uuid).where(_gpus.c.uuid == gpu_uuid)
     return connection.execute(statement).first() is not None
-
-
-def probe_tables(connection: Connection) -> None:
-    """Read one row of the gpus table; raises the driver's error when it is missing."""
-    connection.execute(select(_gpus.c.uuid).limit(1)).all()
 
 
 def telemetry_page_statement(

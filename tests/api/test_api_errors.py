@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from api_test_data import API_TOKEN, GPU_UUID, at, make_record
 from flask.testing import FlaskClient
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from api.app import create_app
@@ -166,6 +167,20 @@ def test_database_without_tables_503(
 
     assert_problem(client.get("/api/v1/gpus"), 503)
     assert_problem(client.get("/readyz"), 503)
+
+
+def test_readyz_names_missing_table(
+    sqlite_url: str, sqlite_engine: Engine, make_url_client: Callable[[str], FlaskClient]
+) -> None:
+    with sqlite_engine.begin() as connection:
+        connection.execute(text("DROP TABLE telemetry_samples"))
+    client = make_url_client(sqlite_url)
+
+    response = client.get("/readyz")
+
+    assert_problem(response, 503, "missing tables telemetry_samples")
+    assert response.headers["Retry-After"] == "5"
+    assert client.get("/api/v1/gpus").status_code == 200
 
 
 def test_unexpected_error_500_without_trace(
