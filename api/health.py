@@ -50,7 +50,7 @@ def healthz() -> dict[str, Any]:
     responses={503: "The database is unreachable or has no telemetry tables yet."},
 )
 def readyz() -> dict[str, Any] | Response:
-    """Return ok when the database answers and has every telemetry table, else a 503 problem."""
+    """Return ok when the database is reachable and has every telemetry table, else a 503 problem."""
     try:
         with get_engine().connect() as connection:
             missing = missing_tables(connection)
