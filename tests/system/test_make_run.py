@@ -61,6 +61,24 @@ def numprocesses(circus_port: int, watcher: str) -> int:
     return int(result.stdout.strip())
 
 
+def readme_banner() -> list[str]:
+    """Return the lines that the README shows `make run` printing."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```console\n$ make run\n", 1)[1].split("```", 1)[0]
+    return block.strip("\n").splitlines()
+
+
+def printed_banner(log_text: str, ports: dict[int, int]) -> list[str]:
+    """Return the banner lines of a `make run` log, with the test's ports put back to the defaults."""
+    lines = log_text.splitlines()
+    start = next(index for index, line in enumerate(lines) if line.startswith("Starting the queue"))
+    banner = "\n".join(lines[start : start + len(readme_banner())])
+    for port, default in ports.items():
+        banner = banner.replace(f"127.0.0.1:{port}", f"127.0.0.1:{default}")
+        banner = banner.replace(f"CIRCUS_PORT={port}", f"CIRCUS_PORT={default}")
+    return banner.splitlines()
+
+
 def test_make_run_scale_and_stop(tmp_path: Path) -> None:
     api_port, queue_port, circus_port = free_port(), free_port(), free_port()
     api_url = f"http://127.0.0.1:{api_port}"
@@ -81,6 +99,7 @@ def test_make_run_scale_and_stop(tmp_path: Path) -> None:
         banner = log.read_text()
         assert f"make scale STREAMERS=4 COLLECTORS=1 CIRCUS_PORT={circus_port}" in banner
         assert f"http://127.0.0.1:{api_port}/docs" in banner
+        assert printed_banner(banner, {api_port: 8000, queue_port: 8500, circus_port: 8555}) == readme_banner()
 
         # A variable on make's command line reaches the streamers: 320 sample rows make 7 shards.
         assert "7 shards of up to 50 rows" in banner
