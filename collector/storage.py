@@ -12,8 +12,9 @@ A long-running writer passes a ``KnownGpus`` cache, which remembers what its own
 commits wrote. Steps 1 and 2 then skip the GPUs whose stored time range already
 covers the batch and the (GPU, metric name) pairs already stored.
 
-Samples take the driver's bulk path: one ``executemany`` of a prepared statement on
-SQLite. On PostgreSQL a ``COPY`` straight into ``telemetry_samples`` inside a
+Samples take a bulk path. On SQLite they go in multi-row ``INSERT ... VALUES``
+statements of up to ``SQLITE_ROWS_PER_STATEMENT`` rows each (the comment above it
+explains why). On PostgreSQL a ``COPY`` straight into ``telemetry_samples`` inside a
 savepoint, and, only when that batch contains an already stored key, a ``COPY`` into
 a temporary table followed by one ``INSERT ... SELECT ... ON CONFLICT DO
 NOTHING``. Rows are written in key order
@@ -26,6 +27,8 @@ The function is synchronous; async callers run it in a worker thread.
 from __future__ import annotations
 
 import functools
+import itertools
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -254,8 +257,19 @@ def _gpu_upsert(insert: Any) -> Any:
 
 
 # SQLite: the Core statements are compiled once to plain SQL with positional
-# parameters and run with the driver's executemany on tuples. That skips
-# SQLAlchemy's per-row parameter processing, which costs more than the inserts.
+# parameters and run on tuples through the driver. That skips SQLAlchemy's per-row
+# parameter processing, which costs more than the inserts.
+#
+# Each statement carries many rows. Python's sqlite3 module releases the GIL while
+# SQLite runs a statement and takes it back to bind the next parameters. An
+# executemany does that once per row. In the collector, whose event loop holds the
+# GIL for milliseconds at a time while it decodes lease responses, the rows then
+# waited for the GIL and the two threads took turns. A statement of 2000 rows takes
+# the GIL back once. It costs about 5 to 10 % more CPU than executemany, and a
+# collector process drained a queue about 17 % faster with it (ad-hoc measurement).
+
+#: Rows per multi-row INSERT on SQLite, fewer when the library allows fewer parameters.
+SQLITE_ROWS_PER_STATEMENT = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,8 +311,9 @@ def _store_sqlite(
 
     if gpus:
         timestamps = {"first_seen", "last_seen"}
-        connection.exec_driver_sql(
-            gpu_upsert.sql,
+        _insert_sqlite(
+            connection,
+            gpu_upsert,
             [
                 tuple(
                     _sqlite_timestamp(row[name]) if name in timestamps else row[name]
@@ -308,7 +323,7 @@ def _store_sqlite(
             ],
         )
     if pairs:
-        connection.exec_driver_sql(metric_insert.sql, pairs)
+        _insert_sqlite(connection, metric_insert, pairs)
 
     # Records hold UTC datetimes (both record forms convert them), so the first 26
     # characters of the ISO form are the naive UTC text that _sqlite_timestamp writes.
@@ -331,8 +346,34 @@ def _store_sqlite(
         )
         for record in records
     ]
-    result = connection.exec_driver_sql(sample_insert.sql, rows)
-    return int(result.rowcount)
+    return _insert_sqlite(connection, sample_insert, rows)
+
+
+def _insert_sqlite(
+    connection: Connection, insert: _CompiledInsert, rows: Sequence[tuple[Any, ...]]
+) -> int:
+    """Run ``insert`` for every row, many rows per statement; return the number of rows changed."""
+    driver_connection: Any = connection.connection.driver_connection
+    width = len(insert.columns)
+    parameter_limit = driver_connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    per_statement = max(1, min(SQLITE_ROWS_PER_STATEMENT, parameter_limit // width))
+    changed = 0
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        parameters = tuple(itertools.chain.from_iterable(chunk))
+        result = connection.exec_driver_sql(_multi_row_sql(insert.sql, width, len(chunk)), parameters)
+        changed += int(result.rowcount)
+    return changed
+
+
+@functools.lru_cache(maxsize=64)
+def _multi_row_sql(sql: str, width: int, rows: int) -> str:
+    """Return ``sql``, an INSERT with one VALUES row of ``width`` parameters, with ``rows`` rows."""
+    one_row = "(" + ", ".join("?" * width) + ")"
+    head, found, tail = sql.partition(f"VALUES {one_row}")
+    if not found:
+        raise RuntimeError(f"no VALUES clause of {width} parameters in {sql!r}")
+    return f"{head}VALUES {', '.join([one_row] * rows)}{tail}"
 
 
 # PostgreSQL: samples are copied straight into the table. A batch with a stored

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from collector.storage import StoreResult, store_records
+from telemetry.database import make_engine
 from telemetry.record import TelemetryRecord
-from telemetry.tables import Gpu, GpuMetric, TelemetrySample
+from telemetry.tables import Gpu, GpuMetric, TelemetrySample, metadata
 
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -165,3 +167,28 @@ def test_store_duplicates_keep_batch_gpus(engine: Engine) -> None:
     assert _count(engine, TelemetrySample) == 3
     assert _count(engine, Gpu) == 2
     assert _count(engine, GpuMetric) == 2
+
+
+def test_store_sqlite_within_parameter_limit(
+    sqlite_url: str, real_records: list[TelemetryRecord]
+) -> None:
+    engine = make_engine(sqlite_url)
+
+    @event.listens_for(engine, "connect")
+    def lower_limit(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+        # 25 parameters: statements of 2 samples, 3 GPUs or 12 (GPU, metric) pairs.
+        dbapi_connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 25)
+
+    try:
+        metadata.create_all(engine)
+        first = store_records(engine, real_records[:95])
+        second = store_records(engine, real_records[90:101])
+        samples = _count(engine, TelemetrySample)
+        gpus = _count(engine, Gpu)
+    finally:
+        engine.dispose()
+
+    assert first == StoreResult(stored=95, duplicates=0)
+    assert second == StoreResult(stored=6, duplicates=5)
+    assert samples == 101
+    assert gpus == len({record.uuid for record in real_records[:101]})
