@@ -306,26 +306,16 @@ def run_database(name: str, url: str, records: Sequence[TelemetryRecord], work_d
     results: dict[str, float] = {}
     print(f"{name}: load average {load_average()} at start", flush=True)
 
-    migrate(url)
-    insert_metadata(url, records)
-    if sqlite_path is not None:
-        results["ceiling"] = ceiling_sqlite(sqlite_path, records, BATCH)
-    else:
-        results["ceiling"] = ceiling_postgres(_libpq(url), records, BATCH)
+    def ceiling(rows_per_transaction: int) -> float:
+        migrate(url)
+        insert_metadata(url, records)
+        if sqlite_path is not None:
+            return ceiling_sqlite(sqlite_path, records, rows_per_transaction)
+        return ceiling_postgres(_libpq(url), records, rows_per_transaction)
 
-    migrate(url)
-    insert_metadata(url, records)
-    if sqlite_path is not None:
-        results["ceiling_collector_transactions"] = ceiling_sqlite(sqlite_path, records, transaction_rows)
-    else:
-        results["ceiling_collector_transactions"] = ceiling_postgres(_libpq(url), records, transaction_rows)
-
-    migrate(url)
-    insert_metadata(url, records)
-    if sqlite_path is not None:
-        results["ceiling_one_transaction"] = ceiling_sqlite(sqlite_path, records, len(records))
-    else:
-        results["ceiling_one_transaction"] = ceiling_postgres(_libpq(url), records, len(records))
+    results["ceiling"] = ceiling(BATCH)
+    results["ceiling_collector_transactions"] = ceiling(transaction_rows)
+    results["ceiling_one_transaction"] = ceiling(len(records))
 
     migrate(url)
     results["store_records"] = store_rate(url, records)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from email.utils import format_datetime
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -141,14 +142,26 @@ def test_400_raises_request_error(sleeps: list[float]) -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "call"),
+    [
+        ("GET", "/v1/queues/q", lambda client: client.get_queue("q")),
+        ("POST", "/v1/queues/q/leases", lambda client: client.lease("q", wait_s=0, body_type=Point)),
+    ],
+    ids=["get-queue", "typed-lease"],
+)
 @respx.mock
-def test_non_json_success_raises_queue_error() -> None:
-    respx.get(f"{URL}/v1/queues/q").mock(return_value=httpx.Response(200, text="<html>proxy</html>"))
+def test_non_json_success_raises_queue_error(
+    method: str, path: str, call: Callable[[QueueClient], Awaitable[object]]
+) -> None:
+    respx.route(method=method, url=f"{URL}{path}").mock(
+        return_value=httpx.Response(200, text="<html>proxy</html>")
+    )
 
     async def scenario() -> None:
         async with QueueClient(URL, retry=FAST, http2=False) as client:
             with pytest.raises(QueueError, match="not JSON"):
-                await client.get_queue("q")
+                await call(client)
 
     asyncio.run(scenario())
 
@@ -259,18 +272,6 @@ def test_typed_lease_decodes_valid_bodies(tmp_path: Path) -> None:
         assert all(message.deliveries == 2 for message in plain)
         assert [message.body for message in typed] == [Point(1, 2)]
         assert typed[0].published_at.endswith("Z")
-
-    asyncio.run(scenario())
-
-
-@respx.mock
-def test_typed_lease_of_non_json_raises_queue_error() -> None:
-    respx.post(f"{URL}/v1/queues/q/leases").mock(return_value=httpx.Response(200, text="<html>proxy</html>"))
-
-    async def scenario() -> None:
-        async with QueueClient(URL, retry=FAST, http2=False) as client:
-            with pytest.raises(QueueError, match="not JSON"):
-                await client.lease("q", wait_s=0, body_type=Point)
 
     asyncio.run(scenario())
 
