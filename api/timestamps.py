@@ -26,10 +26,10 @@ _RFC3339 = re.compile(
 _PLUS_AS_SPACE = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)? \d{2}:\d{2}")
 
 
-#: Formats an aware datetime as RFC 3339 UTC with six fraction digits, e.g.
-#: ``2025-07-18T20:42:34.500000Z``, so that the strings sort in time order. orjson
-#: writes the same form with ``OPT_UTC_Z``, except that it leaves the fraction out
-#: when it is zero. The messages on the queue carry their times in the same form.
+#: The output form of every API time, shared with the queue messages: RFC 3339 UTC
+#: with six fraction digits, e.g. ``2025-07-18T20:42:34.500000Z``, so that the
+#: strings sort in time order. orjson writes the same form with ``OPT_UTC_Z``,
+#: except that it leaves the fraction out when it is zero.
 format_rfc3339 = format_timestamp
 
 

@@ -260,16 +260,13 @@ def _gpu_upsert(insert: Any) -> Any:
 # parameters and run on tuples through the driver. That skips SQLAlchemy's per-row
 # parameter processing, which costs more than the inserts.
 #
-# Each statement carries many rows. Python's sqlite3 module releases the GIL while
-# SQLite runs a statement and takes it back to bind the next parameters. An
-# executemany does that once per row. In the collector, whose event loop holds the
-# GIL for milliseconds at a time while it decodes lease responses, the rows then
-# waited for the GIL and the two threads took turns. A statement of 2000 rows takes
-# the GIL back once, and a collector process drained a 100,000-row queue about
-# 17 % faster with such statements (ad-hoc measurement). Smaller multi-row
-# statements cost SQLite up to a third more CPU per row than executemany on the
-# samples table (measured from 128 to 512 rows). So the rows that do not fill a
-# whole statement still go through executemany, and so do all rows of a small batch.
+# sqlite3 releases the GIL while SQLite runs a statement, and an executemany takes
+# it back after every row. The collector's event loop holds the GIL for milliseconds
+# while it decodes a lease response, so those rows waited and the two threads took
+# turns. A 2000-row statement takes the GIL back once: a collector process drained
+# 100,000 rows about 8 % faster (ad-hoc, interleaved runs). Multi-row statements of
+# 128 to 512 rows cost up to a third more CPU per row than executemany on the
+# samples table, so the rows that do not fill a whole statement keep executemany.
 
 #: Rows per multi-row INSERT on SQLite, fewer when the library allows fewer
 #: parameters. A batch's remaining rows, fewer than this, go through executemany.
@@ -356,7 +353,7 @@ def _store_sqlite(
 def _insert_sqlite(
     connection: Connection, insert: _CompiledInsert, rows: Sequence[tuple[Any, ...]]
 ) -> int:
-    """Run ``insert`` for every row, in statements of many rows; return the number of rows changed."""
+    """Run ``insert`` for every row, many rows per statement, and return the number of rows changed."""
     driver_connection: Any = connection.connection.driver_connection
     width = len(insert.columns)
     parameter_limit = driver_connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
