@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import orjson
 import psycopg
 from sqlalchemy import Table, case, column, select, table
@@ -326,28 +327,41 @@ def _store_sqlite(
     if pairs:
         _insert_sqlite(connection, metric_insert, pairs)
 
-    # Records hold UTC datetimes (both record forms convert them), so the first 26
-    # characters of the ISO form are the naive UTC text that _sqlite_timestamp writes.
+    stamps = _sqlite_timestamps([record.timestamp for record in records])
+    sources = _sqlite_timestamps([record.source_timestamp for record in records])
     rows = [
         (
             record.uuid,
             record.metric_name,
             record.value,
-            record.timestamp.isoformat(" ", "microseconds")[:26],
-            (
-                record.source_timestamp.isoformat(" ", "microseconds")[:26]
-                if record.source_timestamp is not None
-                else None
-            ),
+            stamp,
+            source,
             orjson.dumps(record.labels).decode(),
             record.container,
             record.pod,
             record.namespace,
             record.key,
         )
-        for record in records
+        for record, stamp, source in zip(records, stamps, sources, strict=True)
     ]
     return _insert_sqlite(connection, sample_insert, rows)
+
+
+def _sqlite_timestamps(moments: list[datetime | None]) -> list[str | None]:
+    """Return ``_sqlite_timestamp`` of each moment, for a whole batch at a time.
+
+    ``datetime.isoformat`` of an aware datetime costs about 1 µs, two per sample.
+    msgspec formats a list of them in C, in RFC 3339 (``2026-01-02T03:04:05.000006Z``
+    for UTC), and cutting that text costs a fifth as much. Texts of another shape
+    (no fraction, another offset) take ``_sqlite_timestamp``.
+    """
+    texts = msgspec.to_builtins(moments)
+    return [
+        text[:10] + " " + text[11:26]
+        if text is not None and len(text) == 27 and text[26] == "Z" and text[19] == "."
+        else _sqlite_timestamp(moment)
+        for text, moment in zip(texts, moments, strict=True)
+    ]
 
 
 def _insert_sqlite(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import event, func, select
@@ -12,7 +12,7 @@ from sqlalchemy.exc import DBAPIError
 
 from collector.storage import StoreResult, store_records
 from telemetry.database import make_engine
-from telemetry.record import TelemetryRecord
+from telemetry.record import DecodedRecord, TelemetryRecord
 from telemetry.tables import Gpu, GpuMetric, TelemetrySample, metadata
 
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -192,3 +192,40 @@ def test_store_sqlite_within_parameter_limit(
     assert second == StoreResult(stored=6, duplicates=5)
     assert samples == 101
     assert gpus == len({record.uuid for record in real_records[:101]})
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 3, 1, 12, 0, tzinfo=UTC),
+        datetime(2026, 3, 1, 12, 0, 0, 1, tzinfo=UTC),
+        datetime(2026, 3, 1, 12, 0, 0, 120000, tzinfo=UTC),
+        datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+        datetime(2026, 3, 1, 13, 30, 0, 5, tzinfo=timezone(timedelta(hours=1, minutes=30))),
+    ],
+    ids=["whole-second", "one-microsecond", "trailing-zeros", "year-999", "offset"],
+)
+def test_store_timestamp_text_form(engine: Engine, moment: datetime) -> None:
+    """Both timestamps read back equal, and on SQLite their text is the one SQLAlchemy writes.
+
+    The API's time-window queries compare that text, so another form would sort wrongly.
+    """
+    record = DecodedRecord(
+        uuid="GPU-a", hostname="host-1", gpu_index=0, device="nvidia0",
+        model_name="NVIDIA H100 80GB HBM3", metric_name="DCGM_FI_DEV_GPU_UTIL", value=1.0,
+        timestamp=moment, source_timestamp=moment, key="k1",
+    )
+
+    store_records(engine, [record])
+
+    with engine.connect() as connection:
+        row = connection.execute(select(TelemetrySample.__table__)).one()
+        texts = connection.exec_driver_sql(
+            "SELECT timestamp, source_timestamp FROM telemetry_samples"
+        ).one()
+    sample = TelemetrySample.model_validate(row._mapping)
+    assert sample.timestamp == moment
+    assert sample.source_timestamp == moment
+    if engine.dialect.name == "sqlite":
+        expected = moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+        assert tuple(texts) == (expected, expected)
