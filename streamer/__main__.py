@@ -53,6 +53,7 @@ CONFIG_SOURCES = {
     "rows_per_shard": ("STREAMER_ROWS_PER_SHARD", "--rows-per-shard"),
     "lease_timeout_s": ("STREAMER_LEASE_TIMEOUT_S", "--lease-timeout"),
     "concurrent_shards": ("STREAMER_CONCURRENT_SHARDS", "--concurrent-shards"),
+    "cache_rows": ("STREAMER_CACHE_ROWS", "--cache-rows"),
 }
 
 #: Environment variable and flag of every option that an ``InvalidConfig`` can name.
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
            help=f"shards worked on at the same time, 1 to {MAX_CONCURRENT_SHARDS}, so one shard's "
                 "control requests overlap another's publishing "
                 "[STREAMER_CONCURRENT_SHARDS, default %(default)s]")
+    option("--cache-rows", type=int, default=env_int("STREAMER_CACHE_ROWS", 20_000),
+           help="rows of the file kept parsed for the next passes while it is unchanged, "
+                "about 1.2 KiB each; 0 to parse every pass [STREAMER_CACHE_ROWS, default %(default)s]")
 
     option("--host", default=env_str("STREAMER_HOST", "127.0.0.1"),
            help="bind address of the health and metrics endpoints [STREAMER_HOST, default %(default)s]")
@@ -132,6 +136,7 @@ def build_config(args: argparse.Namespace) -> StreamerConfig:
         control_queue=args.control_queue,
         lease_timeout_s=args.lease_timeout,
         concurrent_shards=args.concurrent_shards,
+        cache_rows=args.cache_rows,
     )
 
 

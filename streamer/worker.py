@@ -15,7 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from streamer.dcgm_csv import CsvFormatError, CsvHeader, ParsedRow, RejectedRow, read_header, read_rows
+from streamer.dcgm_csv import CsvFormatError, CsvHeader, ParsedRow, RejectedRow, RowCache, read_header
 from streamer.metrics import RejectReporter, StreamerMetrics
 from streamer.pacing import RateLimiter
 from streamer.shards import (
@@ -102,6 +102,9 @@ class StreamerConfig:
     #: control-queue requests of one shard (lease, next pass, ack) overlap the
     #: publishing of another.
     concurrent_shards: int = 2
+    #: Rows of shards already read that are kept for the next passes while the
+    #: file is unchanged, 0 for none (see ``streamer.dcgm_csv.RowCache``).
+    cache_rows: int = 20_000
 
     def __post_init__(self) -> None:
         """Raise ``InvalidConfig`` for the first option out of its range."""
@@ -121,6 +124,8 @@ class StreamerConfig:
             raise InvalidConfig("foreign_takeover_s", self.foreign_takeover_s, "more than 0 seconds")
         if not 1 <= self.concurrent_shards <= MAX_CONCURRENT_SHARDS:
             raise InvalidConfig("concurrent_shards", self.concurrent_shards, f"1 to {MAX_CONCURRENT_SHARDS}")
+        if self.cache_rows < 0:
+            raise InvalidConfig("cache_rows", self.cache_rows, "0 or more")
 
 
 class Streamer:
@@ -158,6 +163,7 @@ class Streamer:
         self._foreign_since: float | None = None
         self._took_over = False
         self._header: CsvHeader | None = None
+        self._rows = RowCache(config.cache_rows)
 
     @property
     def stopping(self) -> bool:
@@ -493,7 +499,7 @@ class Streamer:
         After each batch the streamer checks for a lost lease and a stop request, so
         a stop sends no batch beyond the one in flight.
         """
-        rows = read_rows(
+        rows = self._rows.read(
             self.config.csv_path,
             header,
             start_offset=shard.start_offset,

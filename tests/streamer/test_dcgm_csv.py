@@ -14,6 +14,7 @@ from streamer.dcgm_csv import (
     CsvFormatError,
     ParsedRow,
     RejectedRow,
+    RowCache,
     parse_labels,
     read_header,
     read_rows,
@@ -219,6 +220,80 @@ def test_reading_from_an_offset(tmp_path: Path) -> None:
     assert middle[0].line == 3
     assert isinstance(middle[0], ParsedRow)
     assert middle[0].record.gpu_index == 1
+
+
+def write_dump(path: Path, *records: bytes) -> Path:
+    path.write_bytes(HEADER + b"\n" + b"".join(line + b"\n" for line in records))
+    return path
+
+
+def test_row_cache_until_file_changes(tmp_path: Path) -> None:
+    path = write_dump(tmp_path / "dump.csv", GOOD, record(gpu_id=b'"1"'), b'"not","enough"')
+    header = read_header(path)
+    cache = RowCache()
+
+    first = list(cache.read(path, header))
+    again = list(cache.read(path, header))
+
+    assert first == list(read_rows(path, header))
+    assert [type(row) for row in first] == [ParsedRow, ParsedRow, RejectedRow]
+    assert all(kept is row for kept, row in zip(again, first, strict=True))
+    assert len(cache) == 3
+
+    write_dump(path, record(gpu_id=b'"7"'))
+    changed = list(cache.read(path, header))
+
+    assert [row.record.gpu_index for row in changed if isinstance(row, ParsedRow)] == [7]
+    assert len(cache) == 1
+
+
+def test_row_cache_separate_ranges(tmp_path: Path) -> None:
+    path = write_dump(tmp_path / "dump.csv", GOOD, record(gpu_id=b'"1"'), record(gpu_id=b'"2"'))
+    header = read_header(path)
+    rows = list(read_rows(path, header))
+    cache = RowCache()
+
+    whole = list(cache.read(path, header))
+    tail = list(cache.read(path, header, start_offset=rows[1].start_offset, start_line=rows[1].line))
+
+    assert whole == rows
+    assert tail == rows[1:]
+    assert len(cache) == 5
+
+
+def test_row_cache_skips_unfinished_read(tmp_path: Path) -> None:
+    path = write_dump(tmp_path / "dump.csv", GOOD, record(gpu_id=b'"1"'))
+    header = read_header(path)
+    cache = RowCache()
+
+    reader = cache.read(path, header)
+    next(reader)
+    reader.close()
+
+    assert len(cache) == 0
+    assert len(list(cache.read(path, header))) == 2
+
+
+@pytest.mark.parametrize(("max_rows", "kept"), [(0, 0), (1, 0), (2, 2), (3, 2), (4, 4)])
+def test_row_cache_row_limit(tmp_path: Path, max_rows: int, kept: int) -> None:
+    """Ranges of two rows each: a range over the limit is not kept, the oldest range leaves first."""
+    first = write_dump(tmp_path / "first.csv", GOOD, record(gpu_id=b'"1"'))
+    second = write_dump(tmp_path / "second.csv", record(gpu_id=b'"2"'), record(gpu_id=b'"3"'))
+    cache = RowCache(max_rows)
+
+    list(cache.read(first, read_header(first)))
+    list(cache.read(second, read_header(second)))
+
+    assert len(cache) == kept
+    if kept == 2:
+        again = list(cache.read(second, read_header(second)))
+        assert len(cache) == 2
+        assert [row.record.gpu_index for row in again if isinstance(row, ParsedRow)] == [2, 3]
+
+
+def test_row_cache_negative_limit() -> None:
+    with pytest.raises(ValueError, match="max_rows must be 0 or more"):
+        RowCache(-1)
 
 
 def test_real_csv_parses_completely(real_csv: Path) -> None:

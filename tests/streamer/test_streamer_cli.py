@@ -98,6 +98,7 @@ INVALID_OPTIONS = [
     ("STREAMER_ROWS_PER_SHARD", "--rows-per-shard", "0", "= 0 is invalid: expected 1 or more"),
     ("STREAMER_LEASE_TIMEOUT_S", "--lease-timeout", "1.5", "= 1.5 is invalid: expected 2 or more seconds"),
     ("STREAMER_CONCURRENT_SHARDS", "--concurrent-shards", "17", "= 17 is invalid: expected 1 to 16"),
+    ("STREAMER_CACHE_ROWS", "--cache-rows", "-1", "= -1 is invalid: expected 0 or more"),
     ("STREAMER_PORT", "--port", "70000", "= 70000 is invalid: expected 0 to 65535"),
     ("STREAMER_LOG_LEVEL", "--log-level", "loud", "= 'loud' is invalid: expected one of DEBUG, INFO, WARNING, ERROR"),
 ]
@@ -147,6 +148,7 @@ def test_invalid_flag_named(
         ("lease_timeout_s", 2.0, 1.999),
         ("concurrent_shards", 1, 0),
         ("concurrent_shards", 16, 17),
+        ("cache_rows", 0, -1),
     ],
 )
 def test_config_range_edges(field: str, valid: float, invalid: float) -> None:
