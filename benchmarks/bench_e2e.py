@@ -138,7 +138,7 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="DCGM CSV to stream")
-    parser.add_argument("--passes", type=int, default=20, help="passes over the CSV per throughput run")
+    parser.add_argument("--passes", type=int, default=60, help="passes over the CSV per throughput run (default %(default)s)")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4],
                         help="streamer and collector counts to measure")
     parser.add_argument("--freshness-s", type=float, default=30.0, help="length of the freshness run, in seconds")
