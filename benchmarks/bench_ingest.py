@@ -5,7 +5,7 @@ set) the same rows are written three ways into a freshly migrated schema, with
 the same tables and indexes:
 
 1. ceiling: the driver's bulk path writes the samples alone (``sqlite3``
-   ``executemany``, or PostgreSQL ``COPY`` straight into ``telemetry_samples``),
+   ``executemany``, or PostgreSQL binary ``COPY`` straight into ``telemetry_samples``),
    1000 rows per transaction, with the GPUs and (GPU, metric) pairs inserted once
    beforehand. It is also measured with as many rows per transaction as the
    collector writes (``--transaction-rows``, the collector's default unless
@@ -155,13 +155,18 @@ def ceiling_sqlite(path: Path, records: Sequence[TelemetryRecord], batch: int) -
     return len(rows) / elapsed
 
 
+# The binary COPY format and column types that store_records uses.
+COPY_TYPES = ("text", "text", "float8", "timestamptz", "timestamptz", "text", "text", "text", "text", "text")
+
+
 def ceiling_postgres(url: str, records: Sequence[TelemetryRecord], batch: int) -> float:
     rows = [sample_tuple(record, sqlite_text=False) for record in records]
     with psycopg.connect(url) as connection:
         started = time.perf_counter()
         for offset in range(0, len(rows), batch):
             with connection.cursor() as cursor:
-                with cursor.copy(f"COPY telemetry_samples ({COLUMNS}) FROM STDIN") as copy:
+                with cursor.copy(f"COPY telemetry_samples ({COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.set_types(COPY_TYPES)
                     for row in rows[offset : offset + batch]:
                         copy.write_row(row)
             connection.commit()

@@ -296,7 +296,7 @@ class RowCache:
     yields what ``read_rows`` yields. A range read to its end is kept, and a later
     read of the same range of the same file yields the kept rows. The file counts
     as unchanged while its device, inode, size and modification time stay the
-    same, so a rotated, rewritten or appended file is read again.
+    same, so the range of a rotated, rewritten or appended file is read again.
 
     At most ``max_rows`` rows are kept, the least recently read ranges leaving
     first. A row of the real DCGM dump takes about 1.2 KiB (tracemalloc), so the

@@ -182,6 +182,8 @@ class Streamer:
     async def run(self) -> None:
         """Create the queues, join or create the run, then lease and publish shards until stopped."""
         header = self._header or self._read_header()
+        # NOTE: the size is read once, and a run's shards cover the file as it was
+        # when the run started, so rows appended later are not streamed until a restart.
         file_size = self.config.csv_path.stat().st_size
         await self._create_queues()
         await self._join_or_create_run(header, file_size)
