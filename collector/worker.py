@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import msgspec
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
@@ -318,10 +319,14 @@ class Collector:
         items: list[tuple[LeasedMessage, AnyRecord]] = []
         unchecked: list[LeasedMessage] = []
         for message in messages:
-            if isinstance(message.body, DecodedRecord):
-                items.append((message, message.body))
-            else:
-                unchecked.append(message)
+            body = message.body
+            if isinstance(body, DecodedRecord):
+                if body.in_utc:
+                    items.append((message, body))
+                    continue
+                # A time with another offset: pydantic converts it to UTC or rejects it.
+                message = msgspec.structs.replace(message, body=msgspec.to_builtins(body))
+            unchecked.append(message)
 
         # Bodies the lease could not decode as records are valid only after a type
         # conversion, or invalid. pydantic decides which, with the reason.

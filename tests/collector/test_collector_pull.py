@@ -6,7 +6,7 @@ import asyncio
 import sqlite3
 import threading
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -180,6 +180,51 @@ def test_bodies_valid_after_conversion_stored(
             assert row.timestamp.replace(tzinfo=UTC) == expected.timestamp
         for record in plain:
             assert stored[record.key].timestamp.replace(tzinfo=UTC) == record.timestamp
+
+    asyncio.run(scenario())
+
+
+def test_offset_times_stored_in_utc(
+    queue_url: str, engine: Engine, real_records: list[TelemetryRecord]
+) -> None:
+    # Bodies that the lease decodes as records, but with times in another offset
+    # than UTC: pydantic converts them, or rejects a time outside the datetime
+    # range once in UTC, while the rest of the batch is stored.
+    plain = real_records[:5]
+    shifted = []
+    for index, record in enumerate(real_records[5:9]):
+        body = record.to_body()
+        body["timestamp"] = f"2026-03-01T14:00:0{index}.000001+02:00"
+        body["source_timestamp"] = "2025-07-18T09:12:34-11:30"
+        shifted.append(body)
+    out_of_range = {**real_records[9].to_body(), "timestamp": "0001-01-01T00:00:00+01:00"}
+
+    async def scenario() -> None:
+        await _publish(queue_url, [*plain, *shifted, out_of_range])
+        async with _client(queue_url) as queue:
+            collector = Collector(queue, engine, config=_config())
+
+            async def drained() -> bool:
+                stats = await _stats(queue_url)
+                return stats["acked_total"] == 9 and stats["dead_lettered_total"] == 1
+
+            await _run_until(collector, drained)
+
+        assert _sample_count(engine) == 9
+        assert collector.metrics.messages_rejected.labels("invalid_field")._value.get() == 1
+        with engine.connect() as connection:
+            samples = TelemetrySample.__table__.c  # type: ignore[attr-defined]
+            stored = {
+                row.idempotency_key: row
+                for row in connection.execute(
+                    select(samples.idempotency_key, samples.timestamp, samples.source_timestamp)
+                )
+            }
+        for index, body in enumerate(shifted):
+            row = stored[body["key"]]
+            assert row.timestamp.replace(tzinfo=UTC) == datetime(2026, 3, 1, 12, 0, index, 1, tzinfo=UTC)
+            assert row.source_timestamp.replace(tzinfo=UTC) == datetime(2025, 7, 18, 20, 42, 34, tzinfo=UTC)
+        assert out_of_range["key"] not in stored
 
     asyncio.run(scenario())
 

@@ -1,4 +1,4 @@
-"""DecodedRecord, the collector's fast path, accepts only what TelemetryRecord accepts, with equal values."""
+"""DecodedRecord in UTC, the collector's fast path, accepts only what TelemetryRecord accepts, with equal values."""
 
 from __future__ import annotations
 
@@ -32,10 +32,12 @@ VALID_BODY: dict[str, Any] = {
 
 
 def decode_fast(body: bytes) -> DecodedRecord | None:
+    """Return the record when the collector's fast path takes the body: decoded and in UTC."""
     try:
-        return msgspec.json.decode(body, type=DecodedRecord)
+        record = msgspec.json.decode(body, type=DecodedRecord)
     except msgspec.ValidationError:
         return None
+    return record if record.in_utc else None
 
 
 def decode_pydantic(body: bytes) -> TelemetryRecord | None:
@@ -137,7 +139,7 @@ def test_field_names_match() -> None:
     "changes",
     [
         {},
-        {"timestamp": "2026-01-02T05:04:05.1234567+02:00"},
+        {"timestamp": "2026-01-02T03:04:05.1234567+00:00"},
         {"timestamp": "2026-01-02T03:04:05.123456789Z"},
         {"source_timestamp": None, "labels": {}},
         {"gpu_index": 1_000_000, "device": "", "model_name": ""},
@@ -174,12 +176,18 @@ def test_offset_out_of_utc_range_rejected() -> None:
         TelemetryRecord.parse_body(raw)
 
 
-def test_offset_converted_to_utc() -> None:
-    raw = orjson.dumps({**VALID_BODY, "timestamp": "2026-01-02T05:04:05.5+02:00"})
-    fast = decode_fast(raw)
-    assert fast is not None
-    assert fast.timestamp == datetime(2026, 1, 2, 3, 4, 5, 500000, tzinfo=UTC)
-    assert fast.timestamp.tzinfo is UTC
+@pytest.mark.parametrize("field", ["timestamp", "source_timestamp"])
+def test_offset_left_to_pydantic(field: str) -> None:
+    raw = orjson.dumps({**VALID_BODY, field: "2026-01-02T05:04:05.5+02:00"})
+
+    decoded = msgspec.json.decode(raw, type=DecodedRecord)
+    slow = decode_pydantic(raw)
+
+    assert not decoded.in_utc
+    assert decode_fast(raw) is None
+    assert slow is not None
+    assert getattr(slow, field) == datetime(2026, 1, 2, 3, 4, 5, 500000, tzinfo=UTC)
+    assert getattr(slow, field).tzinfo is UTC
 
 
 @pytest.mark.parametrize("year", [1, 999, 1000, 2026])
