@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     option("--passes", type=int, default=env_int("STREAMER_PASSES", 0),
            help="passes over the file, 0 for no end [STREAMER_PASSES, default %(default)s]")
 
-    option("--rows-per-shard", type=int, default=env_int("STREAMER_ROWS_PER_SHARD", 500),
+    option("--rows-per-shard", type=int, default=env_int("STREAMER_ROWS_PER_SHARD", 1000),
            help="rows in one shard, the unit of work sharing [STREAMER_ROWS_PER_SHARD, default %(default)s]")
     option("--control-queue", default=env_str("STREAMER_CONTROL_QUEUE", CONTROL_QUEUE),
            help="queue of the shard messages, one per CSV file "

@@ -88,7 +88,9 @@ class StreamerConfig:
     rate: float = 0.0
     batch_size: int = MAX_BATCH_SIZE
     passes: int = 0
-    rows_per_shard: int = 500
+    #: Rows in one shard: one publish request of the largest size, so each shard's
+    #: three control-queue requests are shared by as many rows as one publish takes.
+    rows_per_shard: int = MAX_BATCH_SIZE
     control_queue: str = CONTROL_QUEUE
     telemetry_queue: str = TELEMETRY_QUEUE
     lease_timeout_s: float = 10.0
