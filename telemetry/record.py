@@ -217,7 +217,8 @@ class DecodedRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=
         )
 
 
-#: Either form of a valid record. Both have the same fields, value types and UTC times.
+#: Either form of a valid record. Both have the same fields and value types. The
+#: collector stores a ``DecodedRecord`` only when ``in_utc``, so its times are UTC too.
 AnyRecord = TelemetryRecord | DecodedRecord
 
 
