@@ -63,7 +63,7 @@ from sqlalchemy import insert
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from collector.storage import KnownGpus, store_records
+from collector.storage import POSTGRES_COPY_TYPES, KnownGpus, store_records
 from collector.worker import CollectorConfig
 from streamer.dcgm_csv import ParsedRow, read_header, read_rows
 from telemetry.database import make_engine
@@ -155,10 +155,6 @@ def ceiling_sqlite(path: Path, records: Sequence[TelemetryRecord], batch: int) -
     return len(rows) / elapsed
 
 
-# The binary COPY format and column types that store_records uses.
-COPY_TYPES = ("text", "text", "float8", "timestamptz", "timestamptz", "text", "text", "text", "text", "text")
-
-
 def ceiling_postgres(url: str, records: Sequence[TelemetryRecord], batch: int) -> float:
     rows = [sample_tuple(record, sqlite_text=False) for record in records]
     with psycopg.connect(url) as connection:
@@ -166,7 +162,7 @@ def ceiling_postgres(url: str, records: Sequence[TelemetryRecord], batch: int) -
         for offset in range(0, len(rows), batch):
             with connection.cursor() as cursor:
                 with cursor.copy(f"COPY telemetry_samples ({COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
-                    copy.set_types(COPY_TYPES)
+                    copy.set_types(POSTGRES_COPY_TYPES)
                     for row in rows[offset : offset + batch]:
                         copy.write_row(row)
             connection.commit()

@@ -190,6 +190,8 @@ class DecodedRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=
     device: _Text64
     model_name: _Text255
     metric_name: _Name128
+    # JSON has no NaN or infinity, and msgspec rejects numbers that overflow a
+    # float, so every decoded value is finite.
     value: float
     timestamp: _AwareDatetime
     key: _Name255
@@ -199,18 +201,16 @@ class DecodedRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=
     namespace: _Text255 | None = None
     source_timestamp: _AwareDatetime | None = None
 
-    # JSON has no NaN or infinity, and msgspec rejects numbers that overflow a
-    # float, so every decoded value is finite.
-
     @property
     def in_utc(self) -> bool:
         """Return whether both times are in UTC, as ``TelemetryRecord`` stores them.
 
         msgspec decodes ``Z`` and ``+00:00`` to ``datetime.UTC``. A record with
         another offset goes through ``TelemetryRecord``, which converts it, or
-        rejects it when the time lies outside the datetime range once in UTC. A
-        property checked by the caller costs a quarter of a ``__post_init__``
-        that msgspec would call for every record.
+        rejects it when the time lies outside the datetime range once in UTC. The
+        caller checks this property in place of a ``__post_init__`` that converts
+        the times, because msgspec calls a ``__post_init__`` for every record
+        (about 0.5 µs each, ad-hoc timing).
         """
         return self.timestamp.tzinfo is UTC and (
             self.source_timestamp is None or self.source_timestamp.tzinfo is UTC
