@@ -22,13 +22,15 @@ from queue_server.core.config import MAX_VISIBILITY_TIMEOUT_S, check_queue_name
 from queue_server.core.queue import Queue
 from queue_server.errors import InvalidRequest, QueueServerError, RetryLater
 from queue_server.http.requests import (
+    MAX_DELAY_S,
     MAX_OTHER_BYTES,
     MAX_PUBLISH_BYTES,
     MAX_REASON_LENGTH,
     MAX_WAIT_S,
     integer_field,
     number_field,
-    parse_publish,
+    parse_publish_body,
+    read_body,
     read_json,
     receipts_field,
     reject_unknown,
@@ -138,7 +140,7 @@ def create_app(
     async def publish(request: Request) -> Response:
         name = request.path_params["name"]
         service.queue(name)
-        bodies, keys, delays = parse_publish(await read_json(request, MAX_PUBLISH_BYTES), MAX_BATCH_MESSAGES)
+        bodies, keys, delays = parse_publish_body(await read_body(request, MAX_PUBLISH_BYTES), MAX_BATCH_MESSAGES)
         results = await service.publish(name, bodies, keys, delays)
         return json_response({"results": [{"id": i, "duplicate": d} for i, d in results]})
 
@@ -184,7 +186,7 @@ def create_app(
         data = require_object(await read_json(request, MAX_OTHER_BYTES), "nack request")
         reject_unknown(data, {"receipts", "delay_s", "dead_letter", "reason"}, "nack request")
         receipts = receipts_field(data)
-        delay = number_field(data, "delay_s", 0.0, 0, 43_200) or 0.0
+        delay = number_field(data, "delay_s", 0.0, 0, MAX_DELAY_S) or 0.0
         dead_letter = data.get("dead_letter", False)
         if not isinstance(dead_letter, bool):
             raise InvalidRequest(f"dead_letter={dead_letter!r} is invalid: expected true or false")

