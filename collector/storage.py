@@ -36,14 +36,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-import orjson
 import psycopg
 from sqlalchemy import Table, case, column, select, table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
-from telemetry.record import AnyRecord
+from telemetry.record import AnyRecord, labels_json
 from telemetry.tables import Gpu, GpuMetric, TelemetrySample
 
 __all__ = ["KnownGpus", "StoreResult", "store_records"]
@@ -346,7 +345,7 @@ def _store_sqlite(
             record.value,
             stamp,
             source,
-            orjson.dumps(record.labels).decode(),
+            labels_json(record),
             record.container,
             record.pod,
             record.namespace,
@@ -481,7 +480,7 @@ def _copy_rows(connection: Connection, statement: str, records: Sequence[AnyReco
                             record.value,
                             record.timestamp,
                             record.source_timestamp,
-                            orjson.dumps(record.labels).decode(),
+                            labels_json(record),
                             record.container,
                             record.pod,
                             record.namespace,

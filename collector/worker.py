@@ -46,6 +46,7 @@ from telemetry.record import (
     AnyRecord,
     DecodedRecord,
     InvalidRecord,
+    LabelsCheck,
     TelemetryRecord,
 )
 from telemetry.settings import InvalidConfig
@@ -170,6 +171,7 @@ class Collector:
         self._in_hand: set[_Batch] = set()
         self._ack_tasks: set[asyncio.Task[None]] = set()
         self._rejections = _RejectionLog(self.config.rejection_log_interval_s)
+        self._labels_check = LabelsCheck()
         self.database_failing = False
 
     def request_stop(self) -> None:
@@ -321,11 +323,12 @@ class Collector:
         for message in messages:
             body = message.body
             if isinstance(body, DecodedRecord):
-                if body.in_utc:
+                if body.in_utc and self._labels_check(body.labels):
                     items.append((message, body))
                     continue
-                # A time with another offset: pydantic converts it to UTC or rejects it.
-                message = msgspec.structs.replace(message, body=msgspec.to_builtins(body))
+                # A time with another offset, which pydantic converts to UTC or
+                # rejects, or labels that pydantic rejects with the reason.
+                message = msgspec.structs.replace(message, body=body.to_plain())
             unchecked.append(message)
 
         # Bodies the lease could not decode as records are valid only after a type

@@ -1,4 +1,4 @@
-"""DecodedRecord in UTC, the collector's fast path, accepts only what TelemetryRecord accepts, with equal values."""
+"""DecodedRecord in UTC with checked labels, the collector's fast path, accepts only what TelemetryRecord accepts, with equal values."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from telemetry.record import DecodedRecord, InvalidRecord, TelemetryRecord
+from telemetry.record import DecodedRecord, InvalidRecord, LabelsCheck, TelemetryRecord, labels_json
 
 VALID_BODY: dict[str, Any] = {
     "uuid": "GPU-5fd4f087-86f3-7a43-b711-4771313afc50",
@@ -31,13 +31,18 @@ VALID_BODY: dict[str, Any] = {
 }
 
 
+#: One check for the whole module, as a collector keeps one, so that remembered
+#: labels are part of what the tests cover.
+LABELS_CHECK = LabelsCheck(limit=50)
+
+
 def decode_fast(body: bytes) -> DecodedRecord | None:
-    """Return the record when the collector's fast path takes the body: decoded and in UTC."""
+    """Return the record when the collector's fast path takes the body: decoded, in UTC, labels checked."""
     try:
         record = msgspec.json.decode(body, type=DecodedRecord)
     except msgspec.ValidationError:
         return None
-    return record if record.in_utc else None
+    return record if record.in_utc and LABELS_CHECK(record.labels) else None
 
 
 def decode_pydantic(body: bytes) -> TelemetryRecord | None:
@@ -48,7 +53,11 @@ def decode_pydantic(body: bytes) -> TelemetryRecord | None:
 
 
 def assert_same_record(fast: DecodedRecord, slow: TelemetryRecord) -> None:
+    assert orjson.loads(labels_json(fast)) == slow.labels
+    assert orjson.loads(labels_json(slow)) == slow.labels
     for name in TelemetryRecord.model_fields:
+        if name == "labels":
+            continue
         assert getattr(fast, name) == getattr(slow, name), name
         assert type(getattr(fast, name)) is type(getattr(slow, name)), name
     for moment in (fast.timestamp, fast.source_timestamp):
@@ -96,8 +105,11 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
         st.integers(-(2**63), 2**63 - 1),
         st.sampled_from(["1.5", "nan", True, None]),
     ),
-    "labels": st.one_of(st.dictionaries(st.text(max_size=5), st.one_of(st.text(max_size=5), st.integers(-3, 3))),
-                        st.none(), st.just([])),
+    "labels": st.one_of(
+        st.dictionaries(st.text(max_size=5), st.one_of(st.text(max_size=5), st.integers(-3, 3), st.none())),
+        st.sampled_from([{"job": "dgx_dcgm_exporter", "gpu": "0"}, {"gpu": 0}, {"gpu": None}, {}]),
+        st.none(), st.just([]), st.just("labels"),
+    ),
     "container": text(255),
     "pod": text(255),
     "namespace": text(255),
@@ -204,3 +216,44 @@ def test_formatted_times_decode_back(year: int) -> None:
     assert fast.source_timestamp == moment
     assert slow is not None
     assert slow.timestamp == moment
+
+
+@pytest.mark.parametrize(
+    ("labels", "valid"),
+    [
+        (b"{}", True),
+        (b'{"gpu": "0", "job": "a\\"b", "note": "\\u00e9"}', True),
+        (b'{"gpu": 0}', False),
+        (b'{"gpu": null}', False),
+        (b'{"gpu": {"nested": "x"}}', False),
+        (b"[]", False),
+        (b"null", False),
+        (b'"labels"', False),
+    ],
+)
+def test_labels_check(labels: bytes, valid: bool) -> None:
+    check = LabelsCheck(limit=2)
+    assert check(msgspec.Raw(labels)) is valid
+    assert check(msgspec.Raw(labels)) is valid, "a second check of the same text"
+
+
+def test_labels_check_forgets_past_its_limit() -> None:
+    check = LabelsCheck(limit=2)
+    texts = [b'{"gpu": "%d"}' % number for number in range(5)]
+    for text in texts:
+        assert check(msgspec.Raw(text))
+    assert len(check._valid) <= 2
+    assert all(check(msgspec.Raw(text)) for text in texts)
+    assert not check(msgspec.Raw(b'{"gpu": 5}'))
+
+
+def test_labels_stored_as_sent() -> None:
+    raw = b'{"uuid": "GPU-1", "hostname": "h", "gpu_index": 0, "device": "d", "model_name": "m",' \
+          b' "metric_name": "x", "value": 1, "timestamp": "2026-01-02T03:04:05Z", "key": "k",' \
+          b' "labels": {"b": "2",  "a": "\\u00e9"}}'
+    record = msgspec.json.decode(raw, type=DecodedRecord)
+    assert labels_json(record) == '{"b": "2",  "a": "\\u00e9"}'
+    assert orjson.loads(labels_json(record)) == {"b": "2", "a": "\u00e9"}
+    assert record.to_plain()["labels"] == {"b": "2", "a": "\u00e9"}
+    without = msgspec.json.decode(raw.replace(b', "labels": {"b": "2",  "a": "\\u00e9"}', b""), type=DecodedRecord)
+    assert labels_json(without) == "{}"
