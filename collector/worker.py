@@ -380,14 +380,14 @@ class Collector:
             if batches is None:
                 return
             stored = await self._store_until_committed(batches)
-            for batch in batches:
-                if stored:
-                    # Each batch is acknowledged on its own, because one ack
-                    # request takes at most as many receipts as one lease returns.
-                    task = asyncio.create_task(self._ack(batch))
-                    self._ack_tasks.add(task)
-                    task.add_done_callback(self._ack_tasks.discard)
-                else:
+            if stored:
+                # One request acknowledges the whole transaction, because each
+                # request costs the collector and the queue server more than its receipts.
+                task = asyncio.create_task(self._ack(batches))
+                self._ack_tasks.add(task)
+                task.add_done_callback(self._ack_tasks.discard)
+            else:
+                for batch in batches:
                     await self._release(batch)
 
     async def _next_transaction(self) -> list[_Batch] | None:
@@ -524,27 +524,26 @@ class Collector:
 
     # Acknowledging
 
-    async def _ack(self, batch: _Batch) -> None:
-        if not batch.items:
-            # Every message of the batch was dead-lettered instead.
-            self._forget(batch)
-            return
+    async def _ack(self, batches: list[_Batch]) -> None:
+        # A batch whose messages were all dead-lettered instead has no receipts left.
+        receipts = [receipt for batch in batches for receipt in batch.receipts]
         try:
-            results = await self.queue.ack(self.config.queue, batch.receipts)
+            if receipts:
+                results = await self.queue.ack(self.config.queue, receipts)
+                self.metrics.messages_acked.inc(sum(1 for result in results if result.ok))
+                self._count_lost_receipts("ack", results)
         except QueueError as exc:
-            # The batch is committed; a redelivery is ignored as a duplicate.
+            # The batches are committed; a redelivery is ignored as a duplicate.
             self.metrics.queue_errors.labels("ack").inc()
             logger.warning(
                 "ack of %d stored messages failed (%s); they will be delivered again "
                 "and ignored as duplicates",
-                len(batch.receipts),
+                len(receipts),
                 exc,
             )
-        else:
-            self.metrics.messages_acked.inc(sum(1 for result in results if result.ok))
-            self._count_lost_receipts("ack", results)
         finally:
-            self._forget(batch)
+            for batch in batches:
+                self._forget(batch)
 
     async def _release(self, batch: _Batch) -> None:
         """Return an unstored batch to the queue, to be leased again at once."""

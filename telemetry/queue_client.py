@@ -51,6 +51,10 @@ RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504, 507})
 #: Extra read time a long-poll gets beyond its ``wait_s``, in seconds.
 LONG_POLL_MARGIN_S = 10.0
 
+#: Receipts the queue server takes in one ack, nack or extend request. Longer
+#: lists are sent in requests of this many, one after the other.
+MAX_RECEIPTS_PER_REQUEST = 10_000
+
 
 class QueueError(Exception):
     """Root of the queue client's errors."""
@@ -366,7 +370,11 @@ class QueueClient:
         return messages
 
     async def ack(self, queue: str, receipts: Sequence[str]) -> list[ReceiptResult]:
-        """Acknowledge deliveries; an acked message is never delivered again."""
+        """Acknowledge deliveries; an acked message is never delivered again.
+
+        Like ``nack`` and ``extend``, a list longer than ``MAX_RECEIPTS_PER_REQUEST``
+        goes in several requests, and an empty list in none.
+        """
         return await self._receipts(queue, "acks", {"receipts": list(receipts)})
 
     async def nack(
@@ -402,10 +410,15 @@ class QueueClient:
         return int(answer["redriven"])
 
     async def _receipts(self, queue: str, verb: str, payload: dict[str, Any]) -> list[ReceiptResult]:
-        answer: _ReceiptsResponse = await self._call(
-            queue, "POST", f"/v1/queues/{queue}/{verb}", payload, decode=_struct_decoder(_ReceiptsResponse)
-        )
-        return answer.results
+        receipts: list[str] = payload["receipts"]
+        results: list[ReceiptResult] = []
+        for start in range(0, len(receipts), MAX_RECEIPTS_PER_REQUEST):
+            chunk = {**payload, "receipts": receipts[start : start + MAX_RECEIPTS_PER_REQUEST]}
+            answer: _ReceiptsResponse = await self._call(
+                queue, "POST", f"/v1/queues/{queue}/{verb}", chunk, decode=_struct_decoder(_ReceiptsResponse)
+            )
+            results.extend(answer.results)
+        return results
 
     # Transport
 

@@ -16,6 +16,9 @@ MAX_PUBLISH_BYTES = 4 * 1024 * 1024
 MAX_OTHER_BYTES = 1024 * 1024
 MAX_KEY_LENGTH = 256
 MAX_DELAY_S = 43_200
+#: Maximum receipts per ack, nack or extend request, ten full leases. A consumer
+#: that stores several leases in one transaction acknowledges them in one request.
+MAX_RECEIPTS = 10_000
 MAX_REASON_LENGTH = 1024
 MAX_WAIT_S = 20.0
 
@@ -82,9 +85,9 @@ def integer_field(data: dict[str, Any], key: str, default: int | None, low: int,
 
 def receipts_field(data: dict[str, Any]) -> list[Any]:
     receipts = data.get("receipts")
-    if not isinstance(receipts, list) or not 1 <= len(receipts) <= 1000:
+    if not isinstance(receipts, list) or not 1 <= len(receipts) <= MAX_RECEIPTS:
         raise InvalidRequest(
-            f"receipts={_short(receipts)} is invalid: expected a list of 1 to 1000 receipt strings"
+            f"receipts={_short(receipts)} is invalid: expected a list of 1 to {MAX_RECEIPTS} receipt strings"
         )
     return receipts
 
