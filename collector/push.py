@@ -36,6 +36,7 @@ from datetime import datetime
 from http import HTTPStatus
 from typing import Any
 
+import msgspec
 import orjson
 import uvicorn
 from prometheus_client import Counter
@@ -51,7 +52,7 @@ from collector.http import create_health_app
 from collector.metrics import CollectorMetrics
 from collector.storage import StoreResult, store_records
 from telemetry.database import make_engine
-from telemetry.queue_client import QueueClient, QueueError
+from telemetry.queue_client import QueueClient, QueueError, decode_json
 from telemetry.record import InvalidRecord, TelemetryRecord
 from telemetry.settings import InvalidConfig, env_float, env_int, env_str
 from telemetry.webhooks import (
@@ -504,8 +505,8 @@ async def _read_body(request: Request) -> bytes | None:
 
 def _messages(body: bytes) -> list[Any] | None:
     try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        data = decode_json(body)
+    except msgspec.DecodeError:
         return None
     messages = data.get("messages") if isinstance(data, dict) else None
     return messages if isinstance(messages, list) else None

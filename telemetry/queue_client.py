@@ -42,6 +42,7 @@ __all__ = [
     "QueueUnavailable",
     "QueueRequestError",
     "QueueNotFound",
+    "decode_json",
 ]
 
 logger = logging.getLogger(__name__)
@@ -551,12 +552,26 @@ def _problem_detail(response: httpx.Response) -> str:
     return response.text[:200]
 
 
+def decode_json(data: bytes) -> Any:
+    """Decode JSON text that the queue server delivers, such as a lease response.
+
+    The server stores any JSON text as a message body, including numbers too
+    large for a double, which orjson rejects. They become ``inf`` or ``-inf``
+    here, so one such body does not make a whole lease unreadable. Raises
+    ``msgspec.DecodeError`` for text that is not JSON.
+    """
+    return _JSON_DECODER.decode(data)
+
+
+_JSON_DECODER = msgspec.json.Decoder(float_hook=float)
+
+
 def _decode_success(method: str, url: str, path: str, response: httpx.Response) -> Any:
     if not response.content:
         return None
     try:
-        return orjson.loads(response.content)
-    except orjson.JSONDecodeError as exc:
+        return decode_json(response.content)
+    except msgspec.DecodeError as exc:
         raise QueueError(
             f"{method} {url}{path} returned HTTP {response.status_code} with a body that is not "
             f"JSON ({response.text[:80]!r}); check that the URL points at a queue server"

@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
+import orjson
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
@@ -225,6 +227,40 @@ def test_offset_times_stored_in_utc(
             assert row.timestamp.replace(tzinfo=UTC) == datetime(2026, 3, 1, 12, 0, index, 1, tzinfo=UTC)
             assert row.source_timestamp.replace(tzinfo=UTC) == datetime(2025, 7, 18, 20, 42, 34, tzinfo=UTC)
         assert out_of_range["key"] not in stored
+
+    asyncio.run(scenario())
+
+
+def test_unstorable_bodies_dead_lettered_alone(
+    queue_url: str, engine: Engine, real_records: list[TelemetryRecord]
+) -> None:
+    # A value too large for a double is valid JSON that the queue server stores
+    # as sent, and labels that are not all strings decode as raw JSON. Each of
+    # them is rejected with its reason, and the rest of the lease is stored.
+    plain = real_records[:5]
+    huge = orjson.dumps({**real_records[5].to_body(), "value": 0}).replace(b'"value":0', b'"value":1e400')
+    bad_labels = {**real_records[6].to_body(), "labels": {"gpu": 0}}
+
+    async def scenario() -> None:
+        await _publish(queue_url, [*plain, bad_labels])
+        async with httpx.AsyncClient(base_url=queue_url) as http:
+            published = await http.post(
+                f"/v1/queues/{TELEMETRY_QUEUE}/messages",
+                content=b'{"messages":[{"body":%s}]}' % huge,
+                headers={"content-type": "application/json"},
+            )
+        assert published.status_code == 200
+        async with _client(queue_url) as queue:
+            collector = Collector(queue, engine, config=_config())
+
+            async def drained() -> bool:
+                stats = await _stats(queue_url)
+                return stats["acked_total"] == 5 and stats["dead_lettered_total"] == 2
+
+            await _run_until(collector, drained)
+
+        assert _sample_count(engine) == 5
+        assert collector.metrics.messages_rejected.labels("invalid_field")._value.get() == 2
 
     asyncio.run(scenario())
 

@@ -207,6 +207,22 @@ def test_invalid_record_is_acked_and_named(engine: Engine) -> None:
     assert sample_count(engine) == 1
 
 
+def test_value_beyond_double_range_rejected_alone(engine: Engine) -> None:
+    # The queue server delivers such a number as sent, and it is valid JSON.
+    body = batch(records(2)).replace(b'"value":41.0', b'"value":1e400')
+    assert b"1e400" in body
+
+    async def scenario() -> None:
+        async with webhook(engine) as (client, _):
+            response = await client.post(WEBHOOK_PATH, content=body, headers=signed_headers(body))
+            assert response.status_code == 200, response.text
+            assert response.json()["stored"] == 1
+            assert [item["id"] for item in response.json()["rejected"]] == ["1-1"]
+
+    asyncio.run(scenario())
+    assert sample_count(engine) == 1
+
+
 def test_database_down_is_503_then_stored(temporary_postgres: Any) -> None:
     url = migrate(temporary_postgres.url)
     engine = make_engine(url)
