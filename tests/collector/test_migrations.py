@@ -11,7 +11,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Index, MetaData, inspect
 
 from telemetry.database import make_engine
-from telemetry.tables import metadata
+from telemetry.tables import GPUS_FILLFACTOR, metadata
 
 MakeConfig = Callable[[str], Config]
 TABLES = {"gpus", "gpu_metrics", "telemetry_samples"}
@@ -53,6 +53,29 @@ def test_schema_comparison_detects_missing_index(database_url: str, alembic_conf
     diff = _schema_diff(database_url, extended)
 
     assert [entry[0] for entry in diff] == ["add_index"]  # type: ignore[index]
+
+
+def test_gpus_fill_factor_matches_model(postgres_url: str, alembic_config: MakeConfig) -> None:
+    # The schema comparison does not compare table storage options, so this
+    # compares the migrated table's fill factor with the model's on its own.
+    config = alembic_config(postgres_url)
+
+    command.upgrade(config, "head")
+    migrated = _table_options(postgres_url, "gpus")
+    command.downgrade(config, "0001")
+    reset = _table_options(postgres_url, "gpus")
+
+    assert metadata.tables["gpus"].dialect_options["postgresql"]["with"] == {"fillfactor": GPUS_FILLFACTOR}
+    assert migrated.get("postgresql_with") == {"fillfactor": str(GPUS_FILLFACTOR)}
+    assert "postgresql_with" not in reset
+
+
+def _table_options(url: str, table: str) -> dict[str, object]:
+    engine = make_engine(url)
+    try:
+        return dict(inspect(engine).get_table_options(table))
+    finally:
+        engine.dispose()
 
 
 def test_upgrade_then_downgrade_to_empty(database_url: str, alembic_config: MakeConfig) -> None:
