@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-transaction-rows",
         type=int,
-        default=env_int("COLLECTOR_MAX_TRANSACTION_ROWS", 5000),
+        default=env_int("COLLECTOR_MAX_TRANSACTION_ROWS", 10_000),
         help="maximum records written in one transaction, merged from the leased batches "
         "that are ready (COLLECTOR_MAX_TRANSACTION_ROWS, default %(default)s)",
     )

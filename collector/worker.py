@@ -79,7 +79,11 @@ class CollectorConfig:
     concurrent_leases: int = 2
     #: Maximum records written in one transaction, merged from leased batches.
     #: A batch is never split, so a transaction contains at least one whole batch.
-    max_transaction_rows: int = 5000
+    #: Each transaction upserts the GPUs it saw and commits, a fixed cost of a few
+    #: milliseconds. On 2 vCPUs a collector draining a backlog wrote on average
+    #: 14 % (SQLite) and 26 % (PostgreSQL) more rows per second with 10,000 than
+    #: with 5000 (``make bench-ingest``).
+    max_transaction_rows: int = 10_000
     #: How long the store task waits for more batches to merge into a
     #: transaction that has fewer than ``max_transaction_rows`` records.
     max_merge_wait_s: float = 0.02
