@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     option("--lease-timeout", type=float, default=env_float("STREAMER_LEASE_TIMEOUT_S", 10.0),
            help="seconds after which a crashed streamer's shard goes to another streamer "
                 "[STREAMER_LEASE_TIMEOUT_S, default %(default)s]")
-    option("--concurrent-shards", type=int, default=env_int("STREAMER_CONCURRENT_SHARDS", 2),
+    option("--concurrent-shards", type=int, default=env_int("STREAMER_CONCURRENT_SHARDS", 4),
            help=f"shards worked on at the same time, 1 to {MAX_CONCURRENT_SHARDS}, so one shard's "
                 "control requests overlap another's publishing "
                 "[STREAMER_CONCURRENT_SHARDS, default %(default)s]")
