@@ -47,6 +47,16 @@ async def _stats(queue_url: str, name: str = TELEMETRY_QUEUE) -> dict[str, Any]:
         return dict((await queue.get_queue(name))["stats"])
 
 
+def _settled(queue_url: str, *, acked: int, dead_lettered: int) -> Callable[[], Awaitable[bool]]:
+    """Return a condition that holds once the queue has counted these acks and dead letters."""
+
+    async def condition() -> bool:
+        stats = await _stats(queue_url)
+        return stats["acked_total"] == acked and stats["dead_lettered_total"] == dead_lettered
+
+    return condition
+
+
 def _sample_count(engine: Engine) -> int:
     with engine.connect() as connection:
         return int(
@@ -122,11 +132,7 @@ def test_poison_messages_dead_lettered(
         async with _client(queue_url) as queue:
             collector = Collector(queue, engine, config=_config(batch_size=250))
 
-            async def settled() -> bool:
-                stats = await _stats(queue_url)
-                return stats["acked_total"] == 300 and stats["dead_lettered_total"] == 4
-
-            await _run_until(collector, settled)
+            await _run_until(collector, _settled(queue_url, acked=300, dead_lettered=4))
             dead = await queue.lease(DEAD_LETTER_QUEUE, max_messages=10, wait_s=0)
 
         assert _sample_count(engine) == 300
@@ -206,11 +212,7 @@ def test_offset_times_stored_in_utc(
         async with _client(queue_url) as queue:
             collector = Collector(queue, engine, config=_config())
 
-            async def drained() -> bool:
-                stats = await _stats(queue_url)
-                return stats["acked_total"] == 9 and stats["dead_lettered_total"] == 1
-
-            await _run_until(collector, drained)
+            await _run_until(collector, _settled(queue_url, acked=9, dead_lettered=1))
 
         assert _sample_count(engine) == 9
         assert collector.metrics.messages_rejected.labels("invalid_field")._value.get() == 1
@@ -253,11 +255,7 @@ def test_unstorable_bodies_dead_lettered_alone(
         async with _client(queue_url) as queue:
             collector = Collector(queue, engine, config=_config())
 
-            async def drained() -> bool:
-                stats = await _stats(queue_url)
-                return stats["acked_total"] == 5 and stats["dead_lettered_total"] == 2
-
-            await _run_until(collector, drained)
+            await _run_until(collector, _settled(queue_url, acked=5, dead_lettered=2))
 
         assert _sample_count(engine) == 5
         assert collector.metrics.messages_rejected.labels("invalid_field")._value.get() == 2
@@ -444,11 +442,7 @@ def test_record_rejected_by_postgres_dead_lettered(
         async with _client(queue_url) as queue:
             collector = Collector(queue, engine, config=_config())
 
-            async def settled() -> bool:
-                stats = await _stats(queue_url)
-                return stats["acked_total"] == 799 and stats["dead_lettered_total"] == 1
-
-            await _run_until(collector, settled)
+            await _run_until(collector, _settled(queue_url, acked=799, dead_lettered=1))
             dead = await queue.lease(DEAD_LETTER_QUEUE, max_messages=10, wait_s=0)
 
         assert _sample_count(engine) == 799
