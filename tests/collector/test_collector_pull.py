@@ -48,7 +48,7 @@ async def _stats(queue_url: str, name: str = TELEMETRY_QUEUE) -> dict[str, Any]:
 
 
 def _settled(queue_url: str, *, acked: int, dead_lettered: int) -> Callable[[], Awaitable[bool]]:
-    """Return a condition that holds once the queue has counted these acks and dead letters."""
+    """Return a condition that is true once the queue has counted these acks and dead letters."""
 
     async def condition() -> bool:
         stats = await _stats(queue_url)
