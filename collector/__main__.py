@@ -47,6 +47,9 @@ OPTION_SOURCES = {
     "push_timeout_s": ("COLLECTOR_PUSH_TIMEOUT_S", "--push-timeout-s"),
 }
 
+#: Defaults of the pull-loop options, which the command line and environment override.
+_DEFAULTS = CollectorConfig()
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser. Its defaults come from the environment, read at this call."""
@@ -85,42 +88,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size",
         type=int,
-        default=env_int("COLLECTOR_BATCH_SIZE", 1000),
+        default=env_int("COLLECTOR_BATCH_SIZE", _DEFAULTS.batch_size),
         help="maximum messages per lease and per transaction, 1 to 1000 "
         "(COLLECTOR_BATCH_SIZE, default %(default)s)",
     )
     parser.add_argument(
         "--max-transaction-rows",
         type=int,
-        default=env_int("COLLECTOR_MAX_TRANSACTION_ROWS", 10_000),
+        default=env_int("COLLECTOR_MAX_TRANSACTION_ROWS", _DEFAULTS.max_transaction_rows),
         help="maximum records written in one transaction, merged from the leased batches "
         "that are ready (COLLECTOR_MAX_TRANSACTION_ROWS, default %(default)s)",
     )
     parser.add_argument(
         "--max-merge-wait-s",
         type=float,
-        default=env_float("COLLECTOR_MAX_MERGE_WAIT_S", 0.02),
+        default=env_float("COLLECTOR_MAX_MERGE_WAIT_S", _DEFAULTS.max_merge_wait_s),
         help="how long to wait for more leased batches to merge into a transaction, "
         "in seconds, 0 to 10 (COLLECTOR_MAX_MERGE_WAIT_S, default %(default)s)",
     )
     parser.add_argument(
         "--wait-s",
         type=float,
-        default=env_float("COLLECTOR_WAIT_S", 20.0),
+        default=env_float("COLLECTOR_WAIT_S", _DEFAULTS.wait_s),
         help="long-poll wait per lease request in seconds, 0 to 20 "
         "(COLLECTOR_WAIT_S, default %(default)s)",
     )
     parser.add_argument(
         "--visibility-timeout-s",
         type=float,
-        default=env_float("COLLECTOR_VISIBILITY_TIMEOUT_S", 60.0),
+        default=env_float("COLLECTOR_VISIBILITY_TIMEOUT_S", _DEFAULTS.visibility_timeout_s),
         help="lease duration in seconds; leases in hand are extended before they expire "
         "(COLLECTOR_VISIBILITY_TIMEOUT_S, default %(default)s)",
     )
     parser.add_argument(
         "--stop-timeout-s",
         type=float,
-        default=env_float("COLLECTOR_STOP_TIMEOUT_S", 30.0),
+        default=env_float("COLLECTOR_STOP_TIMEOUT_S", _DEFAULTS.stop_timeout_s),
         help="on SIGTERM, how long to keep retrying a failing database before the batches "
         "in hand go back to the queue, in seconds (COLLECTOR_STOP_TIMEOUT_S, default %(default)s)",
     )

@@ -42,6 +42,9 @@ PUBLISH_RETRY = RetryPolicy(max_attempts=None, max_elapsed_s=None, initial_backo
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
+#: Defaults of the streaming options, which the command line and environment override.
+_DEFAULTS = StreamerConfig(csv_path=DEFAULT_CSV)
+
 
 #: Environment variable and flag of each ``StreamerConfig`` field that the command
 #: line sets, to name them when the config rejects a value.
@@ -87,30 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     option("--csv", type=Path, default=Path(env_str("STREAMER_CSV", str(DEFAULT_CSV))),
            help="DCGM CSV dump to stream [STREAMER_CSV, default: the bundled sample]")
-    option("--interval", type=float, default=env_float("STREAMER_INTERVAL_S", 1.0),
+    option("--interval", type=float, default=env_float("STREAMER_INTERVAL_S", _DEFAULTS.interval_s),
            help="seconds between pass starts; 0 streams as fast as the queue accepts "
                 "[STREAMER_INTERVAL_S, default %(default)s]")
-    option("--rate", type=float, default=env_float("STREAMER_RATE", 0.0),
+    option("--rate", type=float, default=env_float("STREAMER_RATE", _DEFAULTS.rate),
            help="maximum rows per second this streamer publishes, 0 for no cap "
                 "[STREAMER_RATE, default %(default)s]")
-    option("--batch-size", type=int, default=env_int("STREAMER_BATCH_SIZE", 1000),
+    option("--batch-size", type=int, default=env_int("STREAMER_BATCH_SIZE", _DEFAULTS.batch_size),
            help="rows per publish request, 1 to 1000 [STREAMER_BATCH_SIZE, default %(default)s]")
-    option("--passes", type=int, default=env_int("STREAMER_PASSES", 0),
+    option("--passes", type=int, default=env_int("STREAMER_PASSES", _DEFAULTS.passes),
            help="passes over the file, 0 for no end [STREAMER_PASSES, default %(default)s]")
 
-    option("--rows-per-shard", type=int, default=env_int("STREAMER_ROWS_PER_SHARD", 1000),
+    option("--rows-per-shard", type=int, default=env_int("STREAMER_ROWS_PER_SHARD", _DEFAULTS.rows_per_shard),
            help="rows in one shard, the unit of work sharing [STREAMER_ROWS_PER_SHARD, default %(default)s]")
     option("--control-queue", default=env_str("STREAMER_CONTROL_QUEUE", CONTROL_QUEUE),
            help="queue of the shard messages, one per CSV file "
                 "[STREAMER_CONTROL_QUEUE, default %(default)s]")
-    option("--lease-timeout", type=float, default=env_float("STREAMER_LEASE_TIMEOUT_S", 10.0),
+    option("--lease-timeout", type=float, default=env_float("STREAMER_LEASE_TIMEOUT_S", _DEFAULTS.lease_timeout_s),
            help="seconds after which a crashed streamer's shard goes to another streamer "
                 "[STREAMER_LEASE_TIMEOUT_S, default %(default)s]")
-    option("--concurrent-shards", type=int, default=env_int("STREAMER_CONCURRENT_SHARDS", 4),
+    option("--concurrent-shards", type=int, default=env_int("STREAMER_CONCURRENT_SHARDS", _DEFAULTS.concurrent_shards),
            help=f"shards worked on at the same time, 1 to {MAX_CONCURRENT_SHARDS}, so one shard's "
                 "control requests overlap another's publishing "
                 "[STREAMER_CONCURRENT_SHARDS, default %(default)s]")
-    option("--cache-rows", type=int, default=env_int("STREAMER_CACHE_ROWS", 20_000),
+    option("--cache-rows", type=int, default=env_int("STREAMER_CACHE_ROWS", _DEFAULTS.cache_rows),
            help="rows of the file kept parsed for the next passes while it is unchanged, "
                 "about 1.2 KiB each; 0 to parse every pass [STREAMER_CACHE_ROWS, default %(default)s]")
 

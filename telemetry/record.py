@@ -223,7 +223,6 @@ class DecodedRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=
             self.source_timestamp is None or self.source_timestamp.tzinfo is UTC
         )
 
-
     def to_plain(self) -> dict[str, Any]:
         """Return the record as a decoded JSON body, labels included, for ``TelemetryRecord``."""
         plain: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(self))
