@@ -330,8 +330,8 @@ class Collector:
                 if body.in_utc and self._labels_check(body.labels):
                     items.append((message, body))
                     continue
-                # A time with another offset, which pydantic converts to UTC or
-                # rejects, or labels that pydantic rejects with the reason.
+                # pydantic converts a time at another offset to UTC or rejects it,
+                # and rejects invalid labels with the reason.
                 message = msgspec.structs.replace(message, body=body.to_plain())
             unchecked.append(message)
 

@@ -195,8 +195,8 @@ def test_bodies_valid_after_conversion_stored(
 def test_offset_times_stored_in_utc(
     queue_url: str, engine: Engine, real_records: list[TelemetryRecord]
 ) -> None:
-    # Bodies that the lease decodes as records, but with times in another offset
-    # than UTC: pydantic converts them, or rejects a time outside the datetime
+    # Bodies that the lease decodes as records, but with times at an offset
+    # other than UTC: pydantic converts them, or rejects a time outside the datetime
     # range once in UTC, while the rest of the batch is stored.
     plain = real_records[:5]
     shifted = []

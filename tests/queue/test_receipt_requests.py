@@ -1,4 +1,4 @@
-"""Ack, nack and extend requests carry up to 10,000 receipts; the client splits longer lists."""
+"""Ack, nack and extend requests carry up to 10,000 receipts, and the client splits longer lists."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ QUEUE = "receipts"
 
 
 async def fill(client: QueueClient, count: int) -> list[str]:
-    """Publish ``count`` messages and lease them all; return their receipts in lease order."""
+    """Publish ``count`` messages, lease them all and return their receipts in lease order."""
     await client.create_queue(QUEUE, visibility_timeout_s=60)
     for start in range(0, count, 1000):
         await client.publish(QUEUE, [OutgoingMessage(body={"i": i}) for i in range(start, min(count, start + 1000))])
