@@ -295,29 +295,49 @@ class QueueService:
                 future.set_result(None)
 
     def _encode_leases(self, leased: list[LeasedMessage]) -> bytes:
-        bodies = self._read_bodies([(m.batch, m.index) for m in leased])
-        parts = [b'{"messages":[']
-        for number, (message, body) in enumerate(zip(leased, bodies, strict=True)):
-            batch = message.batch
-            seq, index, deliveries = batch.seq, message.index, message.deliveries
-            # The id and receipt formats of core.batch.format_message_id and
-            # core.receipts.format_receipt, inlined because this loop runs per message.
-            head = (
-                f'{"," if number else ""}{{"id":"{seq}-{index}","receipt":"{seq}-{index}-{deliveries}-{message.epoch}",'
-                f'"deliveries":{deliveries},"published_at":"{batch.published_text}",'
+        """Return the ``{"messages": [...]}`` response body, with each body as stored in the log.
+
+        Messages come in runs of neighbours from one batch, read with one ``pread``
+        a run. The ids and receipts follow ``core.batch.format_message_id`` and
+        ``core.receipts.format_receipt``, formatted from one bytes template per
+        run, because this loop runs per message. Each template begins by closing
+        the message before it, so a message adds two parts: its fields and its body.
+        """
+        if not leased:
+            return b'{"messages":[]}'
+        epoch = leased[0].epoch
+        parts: list[bytes] = []
+        append = parts.append
+        for batch, first, last, data in self._read_runs([(m.batch, m.index) for m in leased]):
+            seq = batch.seq
+            fields = (
+                f'}},{{"id":"{seq}-%d","receipt":"{seq}-%d-%d-{epoch}","deliveries":%d,'
+                f'"published_at":"{batch.published_text}",'
             ).encode()
-            parts.append(head)
-            if batch.origins is not None:
-                parts.append(b'"dead_letter":' + orjson.dumps(batch.origins[message.index].to_json()) + b",")
-            parts.append(b'"body":')
-            parts.append(body)
-            parts.append(b"}")
-        parts.append(b"]}")
+            template = fields + b'"body":'
+            offsets = batch.offsets
+            deliveries = batch.deliveries
+            origins = batch.origins
+            base = offsets[first]
+            for index in range(first, last + 1):
+                count = deliveries[index]
+                if origins is None:
+                    append(template % (index, index, count, count))
+                else:
+                    dead_letter = orjson.dumps(origins[index].to_json())
+                    append(fields % (index, index, count, count) + b'"dead_letter":' + dead_letter + b',"body":')
+                append(data[offsets[index] - base : offsets[index + 1] - base])
+        # The first template's "}," closes no message: it becomes the opening.
+        parts[0] = b'{"messages":[' + parts[0][2:]
+        append(b"}]}")
         return b"".join(parts)
 
-    def _read_bodies(self, slots: Sequence[Slot]) -> list[bytes]:
-        """Read message bodies, one ``pread`` per run of neighbouring messages of a batch."""
-        bodies: list[bytes] = []
+    def _read_runs(self, slots: Sequence[Slot]) -> list[tuple[Batch, int, int, bytes]]:
+        """Group slots into runs of neighbouring messages of a batch; read each run with one ``pread``.
+
+        Returns ``(batch, first index, last index, bytes of the run's bodies)`` per run, in order.
+        """
+        runs: list[tuple[Batch, int, int, bytes]] = []
         position = 0
         while position < len(slots):
             batch, first = slots[position]
@@ -329,11 +349,18 @@ class QueueService:
             ):
                 last += 1
             offsets = batch.offsets
+            runs.append((batch, first, last, self.wal.read(batch.location, offsets[first], offsets[last + 1])))
+            position += last - first + 1
+        return runs
+
+    def _read_bodies(self, slots: Sequence[Slot]) -> list[bytes]:
+        """Read message bodies, one ``pread`` per run of neighbouring messages of a batch."""
+        bodies: list[bytes] = []
+        for batch, first, last, data in self._read_runs(slots):
+            offsets = batch.offsets
             base = offsets[first]
-            data = self.wal.read(batch.location, base, offsets[last + 1])
             for index in range(first, last + 1):
                 bodies.append(data[offsets[index] - base : offsets[index + 1] - base])
-            position += last - first + 1
         return bodies
 
     # Receipts

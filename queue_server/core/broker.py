@@ -22,7 +22,7 @@ from queue_server.core.batch import (
 from queue_server.core.config import DEAD_LETTER_SUFFIX, QueueConfig, check_queue_name
 from queue_server.core.dedup import DedupIndex
 from queue_server.core.queue import Queue, Slot
-from queue_server.core.receipts import format_receipt, parse_receipt
+from queue_server.core.receipts import format_receipt, parse_receipts
 from queue_server.core.states import LIVE_CODES, READY, Transition
 from queue_server.errors import InvalidRequest, QueueFull, QueueNotFound
 
@@ -285,28 +285,35 @@ class Broker:
         transfers = self._dead_letter(queue, outcome.exhausted, "max_deliveries")
         return leased, transfers
 
-    def _receipt_slots(self, queue: Queue, receipts: Sequence[Any], outcome: ReceiptOutcome) -> list[tuple[int, Slot]]:
-        matched = []
-        for position, text in enumerate(receipts):
-            receipt = parse_receipt(text)
+    def _apply_receipts(
+        self, queue: Queue, receipts: Sequence[Any], apply: Callable[[Slot], str | None]
+    ) -> ReceiptOutcome:
+        """Call ``apply`` for each receipt that matches its message's current delivery, in order.
+
+        ``apply`` changes the message and returns its status, or ``None`` when the
+        message is already taken care of in this request (``not_found``).
+        """
+        outcome = ReceiptOutcome()
+        for text, receipt in zip(receipts, parse_receipts(receipts), strict=True):
             if receipt is None:
                 outcome.results.append((text, "invalid"))
                 continue
             status, slot = queue.check_receipt(receipt, self.epoch)
-            outcome.results.append((text, status))
             if slot is not None:
-                matched.append((position, slot))
-        return matched
+                applied = apply(slot)
+                if applied is None:
+                    status = "not_found"
+                else:
+                    status = applied
+                    outcome.keys.append(message_key(slot[0].seq, slot[1]))
+            outcome.results.append((text, status))
+        return outcome
 
     def ack(self, name: str, receipts: Sequence[Any]) -> ReceiptOutcome:
+        """Ack leased messages, in the order of ``receipts`` (see ``Queue.acknowledge``)."""
         queue = self.queue(name)
-        outcome = ReceiptOutcome()
-        for position, (batch, index) in self._receipt_slots(queue, receipts, outcome):
-            queue.apply(batch, index, Transition.ACK)
-            queue.totals.acked += 1
-            outcome.results[position] = (receipts[position], "acked")
-            outcome.keys.append(message_key(batch.seq, index))
-        return outcome
+        statuses, keys = queue.acknowledge(parse_receipts(receipts), self.epoch)
+        return ReceiptOutcome(results=list(zip(receipts, statuses, strict=True)), keys=keys)
 
     def nack(
         self,
@@ -318,38 +325,51 @@ class Broker:
         reason: str | None,
         now: float,
     ) -> ReceiptOutcome:
-        """Return leased messages to the queue (after ``delay_s``), or dead-letter them."""
+        """Return leased messages to the queue (after ``delay_s``), or dead-letter them.
+
+        Receipts apply in order. A receipt listed twice is dead-lettered once, and
+        its repeat finds the message gone (``not_found``). A plain nack listed twice
+        applies twice, to the same effect as once.
+        """
         queue = self.queue(name)
-        outcome = ReceiptOutcome()
-        matched = self._receipt_slots(queue, receipts, outcome)
         if dead_letter and queue.config.dead_letter_queue is None:
             raise InvalidRequest(
                 f"dead_letter=true is invalid for queue {name!r}: it has no dead-letter "
                 "queue; set dead_letter_queue with PUT /v1/queues/{name} first"
             )
-        for position, (batch, index) in matched:
-            if dead_letter:
-                status = "dead_lettered"
-            elif delay_s > 0:
-                queue.defer((batch, index), now + delay_s)
-                status = "nacked"
-            else:
-                queue.apply(batch, index, Transition.NACK)
-                status = "nacked"
-            outcome.results[position] = (receipts[position], status)
-            outcome.keys.append(message_key(batch.seq, index))
         if dead_letter:
-            slots = [slot for _, slot in matched]
-            outcome.transfers = self._dead_letter(queue, slots, reason)
-        return outcome
+            chosen: list[Slot] = []
+            chosen_keys: set[int] = set()
+
+            def choose(slot: Slot) -> str | None:
+                key = message_key(slot[0].seq, slot[1])
+                if key in chosen_keys:
+                    return None
+                chosen_keys.add(key)
+                chosen.append(slot)
+                return "dead_lettered"
+
+            outcome = self._apply_receipts(queue, receipts, choose)
+            outcome.transfers = self._dead_letter(queue, chosen, reason)
+            return outcome
+
+        def give_back(slot: Slot) -> str:
+            if delay_s > 0:
+                queue.defer(slot, now + delay_s)
+            else:
+                queue.apply(slot[0], slot[1], Transition.NACK)
+            return "nacked"
+
+        return self._apply_receipts(queue, receipts, give_back)
 
     def extend(self, name: str, receipts: Sequence[Any], visibility_timeout_s: float, now: float) -> ReceiptOutcome:
         queue = self.queue(name)
-        outcome = ReceiptOutcome()
-        for position, slot in self._receipt_slots(queue, receipts, outcome):
+
+        def renew(slot: Slot) -> str:
             queue.extend(slot, visibility_timeout_s, now)
-            outcome.results[position] = (receipts[position], "extended")
-        return outcome
+            return "extended"
+
+        return self._apply_receipts(queue, receipts, renew)
 
     # Moving messages between queues
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from queue_server.core.batch import INDEX_BITS, Batch, message_key, split_key
 from queue_server.core.config import QueueConfig
 from queue_server.core.receipts import Receipt
 from queue_server.core.states import (
+    ACKED,
     DELAYED,
     LEASED,
     LIVE_CODES,
@@ -151,7 +152,7 @@ class Queue:
             self._in_flight.pop(key, None)
         if old == DELAYED and new != DELAYED:
             self._delays.pop(key, None)
-        if new == READY and index < batch.next_fresh:
+        if new == READY and old != READY and index < batch.next_fresh:
             self._retry.append(key)
         if new not in LIVE_CODES:
             self.live_bytes -= batch.size(index)
@@ -195,11 +196,15 @@ class Queue:
         ``exhausted`` instead when the queue has a dead-letter queue.
         """
         outcome = LeaseOutcome()
-        for batch, index in self._take_ready(max_messages):
-            if self._exhausted(batch, index):
-                outcome.exhausted.append((batch, index))
-            else:
-                outcome.leased.append((batch, index))
+        taken = self._take_ready(max_messages)
+        if self.config.dead_letter_queue is None:
+            outcome.leased = taken
+        else:
+            for batch, index in taken:
+                if self._exhausted(batch, index):
+                    outcome.exhausted.append((batch, index))
+                else:
+                    outcome.leased.append((batch, index))
 
         # Every slot is READY (checked by _take_ready), so the LEASE transition is
         # applied here directly, with the counts moved once for all of them.
@@ -225,22 +230,27 @@ class Queue:
 
     def _take_ready(self, limit: int) -> list[Slot]:
         taken: list[Slot] = []
+        # A message can be listed in the retry order twice: made ready, delayed,
+        # then ready again before it was leased. It is taken once.
+        retried: set[int] = set()
         while self._retry and len(taken) < limit:
             key = self._retry.popleft()
             batch = self._batch_of(key)
             index = key & 0xFFFFF
-            if batch is not None and batch.states[index] == READY and index < batch.next_fresh:
+            if batch is not None and batch.states[index] == READY and index < batch.next_fresh and key not in retried:
+                retried.add(key)
                 taken.append((batch, index))
         while self._fresh and len(taken) < limit:
             batch = self._fresh[0]
             index = batch.next_fresh
             states = batch.states
-            while index < batch.count and len(taken) < limit:
-                if states[index] == READY:
-                    taken.append((batch, index))
-                index += 1
+            count = len(states)
+            while index < count and len(taken) < limit:
+                end = min(count, index + limit - len(taken))
+                taken.extend([(batch, i) for i in range(index, end) if states[i] == READY])
+                index = end
             batch.next_fresh = index
-            if index >= batch.count:
+            if index >= count:
                 self._fresh.popleft()
         # Every returned slot has left the ready structures, so the caller must lease
         # or dead-letter each one.
@@ -266,6 +276,53 @@ class Queue:
         if receipt_epoch != epoch or deliveries != batch.deliveries[index]:
             return "stale", None
         return "ok", (batch, index)
+
+    def acknowledge(self, receipts: Sequence[Receipt | None], epoch: int) -> tuple[list[str], list[int]]:
+        """Ack each message whose receipt matches its current delivery, in order.
+
+        Returns a status per receipt (``acked``, ``stale``, ``not_found``, or
+        ``invalid`` for ``None``) and the keys of the messages acked. The result
+        equals ``check_receipt`` and then ``apply(ACK)`` per receipt, in one loop,
+        because a consumer acks thousands of messages at a time. A receipt listed
+        twice is acked once; its repeat finds the message gone (``not_found``).
+        """
+        statuses: list[str] = []
+        keys: list[int] = []
+        batches = self.batches
+        counts = self.counts
+        in_flight = self._in_flight
+        freed_bytes = 0
+        for receipt in receipts:
+            if receipt is None:
+                statuses.append("invalid")
+                continue
+            seq, index, deliveries, receipt_epoch = receipt
+            batch = batches.get(seq)
+            if batch is None or index >= len(batch.states) or batch.states[index] not in LIVE_CODES:
+                statuses.append("not_found")
+                continue
+            if receipt_epoch != epoch or deliveries != batch.deliveries[index]:
+                statuses.append("stale")
+                continue
+            old = batch.states[index]
+            batch.states[index] = ACKED
+            counts[old] -= 1
+            key = (seq << INDEX_BITS) | index
+            if old == LEASED:
+                in_flight.pop(key, None)
+            elif old == DELAYED:
+                self._delays.pop(key, None)
+            offsets = batch.offsets
+            freed_bytes += offsets[index + 1] - offsets[index]
+            batch.live -= 1
+            if batch.live == 0:
+                self._finish(batch)
+            statuses.append("acked")
+            keys.append(key)
+        counts[ACKED] += len(keys)
+        self.live_bytes -= freed_bytes
+        self.totals.acked += len(keys)
+        return statuses, keys
 
     def extend(self, slot: Slot, visibility_timeout_s: float, now: float) -> None:
         batch, index = slot

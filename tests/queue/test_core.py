@@ -332,3 +332,86 @@ def test_redrive_respects_max_messages(broker: Broker) -> None:
     [redriven] = broker.redrive("jobs.dlq", 1)
     assert len(redriven.slots) == 1
     assert broker.queue("jobs.dlq").ready == 1
+
+
+def test_receipt_repeated_in_one_ack_is_acked_once(broker: Broker) -> None:
+    publish(broker, "jobs", [b"x", b"y"])
+    leased, _ = broker.lease("jobs", 2, None, NOW)
+    first, second = leased[0].receipt, leased[1].receipt
+
+    outcome = broker.ack("jobs", [first, first, second, first])
+
+    assert [status for _, status in outcome.results] == ["acked", "not_found", "acked", "not_found"]
+    assert len(outcome.keys) == 2, "each message is logged as acked once"
+    queue = broker.queue("jobs")
+    assert (queue.live_messages, queue.totals.acked, queue.live_bytes) == (0, 2, 0)
+
+
+def test_receipt_repeated_in_one_dead_letter_nack_moves_once(broker: Broker) -> None:
+    publish(broker, "jobs", [b"x", b"y"])
+    leased, _ = broker.lease("jobs", 2, None, NOW)
+    first = leased[0].receipt
+
+    outcome = broker.nack("jobs", [first, first], delay_s=0, dead_letter=True, reason="bad", now=NOW)
+
+    assert [status for _, status in outcome.results] == ["dead_lettered", "not_found"]
+    assert [len(transfer.slots) for transfer in outcome.transfers] == [1]
+    assert broker.queue("jobs").live_messages == 1
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 30.0], ids=["ready", "delayed"])
+def test_receipt_repeated_in_one_nack_or_extend_applies_again(broker: Broker, delay_s: float) -> None:
+    publish(broker, "jobs", [b"x"])
+    leased, _ = broker.lease("jobs", 1, None, NOW)
+    receipt = leased[0].receipt
+
+    extended = broker.extend("jobs", [receipt, receipt], 60, NOW)
+    nacked = broker.nack("jobs", [receipt, receipt], delay_s=delay_s, dead_letter=False, reason=None, now=NOW)
+
+    assert [status for _, status in extended.results] == ["extended", "extended"]
+    assert [status for _, status in nacked.results] == ["nacked", "nacked"]
+    queue = broker.queue("jobs")
+    assert (queue.ready, queue.delayed, queue.leased) == ((0, 1, 0) if delay_s else (1, 0, 0))
+    if not delay_s:
+        assert len(broker.lease("jobs", 10, None, NOW)[0]) == 1, "a repeated nack makes the message ready once"
+
+
+def test_ack_of_delayed_and_ready_messages_keeps_counts(broker: Broker) -> None:
+    publish(broker, "jobs", [b"ab", b"cde", b"f"])
+    leased, _ = broker.lease("jobs", 3, None, NOW)
+    broker.nack("jobs", [leased[0].receipt], delay_s=30, dead_letter=False, reason=None, now=NOW)
+    broker.nack("jobs", [leased[1].receipt], delay_s=0, dead_letter=False, reason=None, now=NOW)
+
+    outcome = broker.ack("jobs", [message.receipt for message in leased])
+
+    assert [status for _, status in outcome.results] == ["acked"] * 3
+    queue = broker.queue("jobs")
+    assert (queue.ready, queue.delayed, queue.leased, queue.live_bytes) == (0, 0, 0, 0)
+    assert broker.tick(NOW + 60) == [] and queue.ready == 0, "an acked message does not come due"
+    assert broker.lease("jobs", 10, None, NOW + 60)[0] == [], "an acked message is not leased from the retry list"
+
+
+@pytest.mark.parametrize("path", ["nack-twice", "expire-then-nack", "nack-delay-due"])
+def test_message_made_ready_twice_is_leased_once(broker: Broker, path: str) -> None:
+    publish(broker, "jobs", [b"x"])
+    leased, _ = broker.lease("jobs", 1, None, NOW)
+    receipt = leased[0].receipt
+    now = NOW
+    if path == "nack-twice":
+        broker.nack("jobs", [receipt], delay_s=0, dead_letter=False, reason=None, now=now)
+        broker.nack("jobs", [receipt], delay_s=0, dead_letter=False, reason=None, now=now)
+    elif path == "expire-then-nack":
+        now = NOW + 11
+        broker.tick(now)
+        broker.nack("jobs", [receipt], delay_s=0, dead_letter=False, reason=None, now=now)
+    else:
+        broker.nack("jobs", [receipt], delay_s=0, dead_letter=False, reason=None, now=now)
+        broker.nack("jobs", [receipt], delay_s=5, dead_letter=False, reason=None, now=now)
+        now = NOW + 6
+        broker.tick(now)
+    assert broker.queue("jobs").ready == 1
+
+    again, _ = broker.lease("jobs", 10, None, now)
+
+    assert [message.message_id for message in again] == ["1-0"]
+    assert broker.queue("jobs").leased == 1

@@ -78,3 +78,24 @@ def test_client_splits_long_receipt_lists(queue_server, monkeypatch: pytest.Monk
     assert acked == ["acked"]
     assert sent == [4, 4, 2, 4, 4, 2, 1], "10 receipts in requests of 4, and no request for an empty list"
     assert queue["stats"]["delayed"] == 9, "every request of a split nack carries its delay"
+
+
+def test_receipt_listed_twice_is_applied_once(queue_server) -> None:
+    async def main() -> tuple[httpx.Response, httpx.Response, dict[str, Any]]:
+        async with QueueClient(queue_server.url) as client:
+            receipts = await fill(client, 3)
+            async with httpx.AsyncClient(base_url=queue_server.url) as http:
+                acked = await http.post(f"/v1/queues/{QUEUE}/acks", json={"receipts": [receipts[0], receipts[0]]})
+                moved = await http.post(
+                    f"/v1/queues/{QUEUE}/nacks",
+                    json={"receipts": [receipts[1], receipts[1]], "dead_letter": True, "reason": "test"},
+                )
+            return acked, moved, await client.get_queue(QUEUE)
+
+    acked, moved, queue = asyncio.run(main())
+
+    assert acked.status_code == 200 and moved.status_code == 200
+    assert [result["status"] for result in acked.json()["results"]] == ["acked", "not_found"]
+    assert [result["status"] for result in moved.json()["results"]] == ["dead_lettered", "not_found"]
+    stats = queue["stats"]
+    assert (stats["acked_total"], stats["dead_lettered_total"], stats["leased"]) == (1, 1, 1)
