@@ -28,11 +28,12 @@ import math
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import orjson
 from pydantic import ValidationError
 
 from telemetry.record import TelemetryRecord, format_timestamp
@@ -142,6 +143,8 @@ class ParsedRow:
     start_offset: int
     end_offset: int
     body: dict[str, Any]
+    #: ``body`` encoded once, split around its timestamp and key: see ``message_json``.
+    _encoded: list[bytes] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @property
     def record(self) -> TelemetryRecord:
@@ -152,9 +155,46 @@ class ParsedRow:
         """Return the message body with the processing time (RFC 3339 UTC text) and the idempotency key set."""
         return {**self.body, "timestamp": timestamp, "key": key}
 
+    def message_json(self, *, timestamp: str, key: str) -> bytes:
+        """Return ``message_body`` encoded as JSON, the same bytes as ``orjson.dumps`` gives.
+
+        The streamer publishes each row once per pass, so the body is encoded on
+        the first call and cut around the timestamp and the key. Later calls join the
+        pieces with the new values, which costs less than copying the body's dict and
+        encoding it again.
+        """
+        pieces = self._encoded
+        if not pieces:
+            pieces.extend(_split_encoded_body(self.body))
+        if len(pieces) == 3:
+            return b"".join((pieces[0], orjson.dumps(timestamp), pieces[1], orjson.dumps(key), pieces[2]))
+        return orjson.dumps(self.message_body(timestamp=timestamp, key=key))
+
     def stamp(self, *, processed_at: datetime, key: str) -> TelemetryRecord:
         """Return the record with the processing time and the idempotency key set."""
         return self.record.model_copy(update={"timestamp": processed_at, "key": key})
+
+
+#: Stand-ins for the timestamp and the key while a body is encoded.
+_TIMESTAMP_MARK = "\x00timestamp\x00"
+_KEY_MARK = "\x00key\x00"
+
+
+def _split_encoded_body(body: dict[str, Any]) -> list[bytes]:
+    """Return the encoded body cut around its timestamp and key, or ``[b""]`` when it cannot be.
+
+    The body has the timestamp before the key, as ``TelemetryRecord.to_body``
+    writes them. A body with a NUL character anywhere, or with the key first, is
+    not cut, and ``message_json`` encodes it whole each time.
+    """
+    encoded = orjson.dumps({**body, "timestamp": _TIMESTAMP_MARK, "key": _KEY_MARK})
+    head, found_timestamp, rest = encoded.partition(orjson.dumps(_TIMESTAMP_MARK))
+    middle, found_key, tail = rest.partition(orjson.dumps(_KEY_MARK))
+    pieces = [head, middle, tail]
+    # orjson escapes NUL as \u0000, so pieces without that escape contain no other stand-in.
+    if found_timestamp and found_key and all(b"\\u0000" not in piece for piece in pieces):
+        return pieces
+    return [b""]
 
 
 @dataclass(frozen=True, slots=True)

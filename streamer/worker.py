@@ -15,6 +15,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
+
 from streamer.dcgm_csv import CsvFormatError, CsvHeader, ParsedRow, RejectedRow, RowCache, read_header
 from streamer.metrics import RejectReporter, StreamerMetrics
 from streamer.pacing import RateLimiter
@@ -559,14 +561,16 @@ class Streamer:
         """Build the publish items of a batch: each row's body with its own processing time and key.
 
         The items are the JSON form of ``OutgoingMessage``, built directly because
-        the streamer makes one per row.
+        the streamer makes one per row. Each body is already encoded
+        (``ParsedRow.message_json``), and orjson copies a ``Fragment`` as it is.
         """
         key_prefix = shard.row_key_prefix
         stamp = self._processing_clock.stamp
+        fragment = orjson.Fragment
         messages = []
         for row in batch:
             key = f"{key_prefix}{row.line}"
-            messages.append({"body": row.message_body(timestamp=stamp(), key=key), "key": key})
+            messages.append({"body": fragment(row.message_json(timestamp=stamp(), key=key)), "key": key})
         return messages
 
     async def _publish_batch(self, messages: list[dict[str, Any]]) -> None:

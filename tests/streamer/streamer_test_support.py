@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
 from streamer.sample import SampleSpec, write_sample
 from telemetry.queue_client import LeasedMessage, OutgoingMessage, PublishResult, ReceiptResult
@@ -135,6 +136,8 @@ class FakeQueue:
         for item in messages:
             # The client accepts the JSON form of a message as well, as the streamer sends rows.
             message = item if isinstance(item, OutgoingMessage) else OutgoingMessage(**item)
+            # The body crosses the wire as JSON, which also turns an orjson.Fragment into its value.
+            message = OutgoingMessage(orjson.loads(orjson.dumps(message.body)), message.key, message.delay_s)
             if message.key is not None and message.key in queue.keys:
                 results.append(PublishResult(id=queue.keys[message.key], duplicate=True))
                 continue

@@ -408,3 +408,39 @@ def test_parse_labels_repeats_from_cache() -> None:
 def test_parse_labels_error_names_position() -> None:
     with pytest.raises(ValueError, match="at character 6: 'b'"):
         parse_labels('a="1",b')
+
+
+def test_real_csv_message_json_matches_dumps(real_csv: Path) -> None:
+    rows = [row for row in read_rows(real_csv, read_header(real_csv)) if isinstance(row, ParsedRow)]
+
+    for number in range(2):
+        for row in rows:
+            stamp, key = f"2026-12-05T10:00:0{number}.{row.line:06d}Z", f"real.csv:run:{number}:{row.line}"
+            assert row.message_json(timestamp=stamp, key=key) == orjson.dumps(row.message_body(timestamp=stamp, key=key))
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "key"),
+    [("2026-01-02T03:04:05Z", 'say "hi"\\'), ("\x00timestamp\x00", "\x00key\x00"), ("t", "ключ\U0001f600")],
+    ids=["quotes", "stand-ins-as-values", "unicode"],
+)
+def test_message_json_escapes_values(tmp_path: Path, timestamp: str, key: str) -> None:
+    row = parse(tmp_path, HEADER + b"\n" + GOOD)[0]
+    assert isinstance(row, ParsedRow)
+
+    first = row.message_json(timestamp=timestamp, key=key)
+    second = row.message_json(timestamp=timestamp, key=key)
+
+    assert first == second == orjson.dumps(row.message_body(timestamp=timestamp, key=key))
+    assert orjson.loads(first)["key"] == key
+
+
+def test_message_json_with_nul_in_labels(tmp_path: Path) -> None:
+    row = parse(tmp_path, HEADER + b"\n" + GOOD)[0]
+    assert isinstance(row, ParsedRow)
+    with_nul = ParsedRow(row.line, row.start_offset, row.end_offset, {**row.body, "labels": {"a": "\x00timestamp\x00"}})
+
+    encoded = with_nul.message_json(timestamp="2026-01-02T03:04:05Z", key="k")
+
+    assert orjson.loads(encoded)["labels"] == {"a": "\x00timestamp\x00"}
+    assert orjson.loads(encoded)["timestamp"] == "2026-01-02T03:04:05Z"
