@@ -20,6 +20,7 @@ from collector.http import HealthServer
 from collector.push import add_push_arguments, push_settings, run_push_mode
 from collector.worker import Collector, CollectorConfig
 from telemetry.database import DEFAULT_DATABASE_URL, make_engine
+from telemetry.process import configure_garbage_collector
 from telemetry.queue_client import QueueClient
 from telemetry.record import TELEMETRY_QUEUE
 from telemetry.settings import InvalidConfig, SettingsError, env_bool, env_float, env_int, env_str
@@ -245,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
     # httpx logs every request at INFO: thousands of lines a minute here.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    configure_garbage_collector()
     logger.info(
         "starting: queue %r at %s, database %s",
         args.queue,

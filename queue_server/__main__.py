@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from queue_server.auth import TokenFormatError
 from queue_server.server import serve
 from queue_server.settings import load_settings
+from telemetry.process import configure_garbage_collector
 from telemetry.settings import SettingsError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -22,6 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"telemetry-queue: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format=LOG_FORMAT, force=True)
+    configure_garbage_collector()
     try:
         return asyncio.run(serve(settings))
     except (TokenFormatError, OSError) as exc:

@@ -26,6 +26,7 @@ from streamer.worker import (
     StreamerConfig,
     StreamerError,
 )
+from telemetry.process import configure_garbage_collector
 from telemetry.queue_client import QueueClient, QueueRequestError, RetryPolicy
 from telemetry.settings import InvalidConfig, SettingsError, env_bool, env_float, env_int, env_str
 
@@ -237,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         # httpx logs every request at INFO, thousands of lines a minute here.
         logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_garbage_collector()
     try:
         asyncio.run(serve(args, config))
     except StreamerError as exc:
