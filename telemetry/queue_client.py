@@ -31,6 +31,8 @@ import httpx
 import msgspec
 import orjson
 
+from telemetry.http_responses import release_stream
+
 __all__ = [
     "QueueClient",
     "RetryPolicy",
@@ -493,6 +495,8 @@ class QueueClient:
                 response = await client.request(
                     method, path, content=content, headers=headers, timeout=timeout
                 )
+                # The body is read and the response closed.
+                release_stream(response)
             except httpx.TransportError as exc:
                 status: int | None = None
                 failure = f"{type(exc).__name__}: {exc}"

@@ -27,6 +27,7 @@ import orjson
 from queue_server.push.backoff import Outcome, classify_status, parse_retry_after
 from queue_server.push.guard import EndpointGuard, EndpointRejected, ResolutionFailed
 from queue_server.push.subscription import Subscription
+from telemetry.http_responses import release_stream
 from telemetry.webhooks import HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, signature_header
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class WebhookSender:
                 # The response body is not read: only the status and headers count.
                 response = await self._client.send(request, stream=True)
                 await response.aclose()
+                release_stream(response)
         except (TimeoutError, httpx.TimeoutException):
             return AttemptResult(Outcome.TIMEOUT, detail=f"no answer within {config.timeout_s:g} s")
         except (httpx.TransportError, httpx.InvalidURL) as exc:

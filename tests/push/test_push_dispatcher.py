@@ -7,6 +7,7 @@ every request, so nothing leaves the process.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -354,3 +355,39 @@ def test_concurrency_limit_aimd() -> None:
     assert limit.current == 2
     limit.resize(1)
     assert limit.current == 1
+
+
+@respx.mock(assert_all_mocked=True)
+async def _scenario_sends_leave_garbage(respx_mock: respx.MockRouter) -> list[object]:
+    respx_mock.post(PINNED).mock(return_value=httpx.Response(200))
+    guard = EndpointGuard(
+        allowed_networks=parse_networks(["127.0.0.0/8"]),
+        resolver=StaticResolver({"receiver.test": ["127.0.0.1"]}),
+    )
+    sender = WebhookSender(guard=guard)
+    subscription = make_registry().get("jobs", "hook")
+    try:
+        await sender.send(subscription, [message(1)])
+        gc.collect()
+        gc.garbage.clear()
+        for number in range(3):
+            result = await sender.send(subscription, [message(number)])
+            assert result.outcome is Outcome.DELIVERED
+        gc.collect()
+        return [item for item in gc.garbage if type(item).__module__.startswith("httpx")]
+    finally:
+        await sender.aclose()
+
+
+def test_sent_requests_leave_no_response_cycles() -> None:
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        left = asyncio.run(_scenario_sends_leave_garbage())
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+    assert sorted({type(item).__name__ for item in left}) == [], "httpx objects freed only by the cyclic garbage collector"
