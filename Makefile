@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_DIR ?= data
-COVERAGE_FLOOR ?= 93
+COVERAGE_FLOOR ?= 93.5
 
 # `make run` settings: the stack's size, its input and where state lives.
 STREAMERS ?= 2
