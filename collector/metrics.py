@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from telemetry.process import register_process_metrics
+
 #: Reasons a message is rejected: those of ``telemetry.record.InvalidRecord``, and
 #: a record that the database refuses as a data error.
 REJECTION_REASONS = ("invalid_json", "not_an_object", "missing_field", "invalid_field", "rejected_by_database")
@@ -22,7 +24,10 @@ class CollectorMetrics:
     """The collector's counters, gauges and histograms, in one registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        if registry is None:
+            registry = CollectorRegistry()
+            register_process_metrics(registry)
+        self.registry = registry
         self.messages_leased = Counter(
             "telemetry_collector_messages_leased_total",
             "Messages received in leases, redeliveries included.",

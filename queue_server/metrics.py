@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from queue_server.service import QueueService
+from telemetry.process import register_process_metrics
 
 FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -72,6 +73,7 @@ def build_registry(service: QueueService) -> CollectorRegistry:
     """Create a registry for one service and hook the fsync histogram into its log."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_ServiceCollector(service))
+    register_process_metrics(registry)
     fsync = Histogram(
         "queue_wal_fsync_seconds",
         "Duration of write-ahead log fdatasync calls.",

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from streamer.dcgm_csv import REJECT_REASONS, RejectedRow
+from telemetry.process import register_process_metrics
 
 __all__ = ["StreamerMetrics", "RejectReporter"]
 
@@ -22,7 +23,10 @@ class StreamerMetrics:
     """The streamer's metrics, in a registry of their own so several streamers can share a process."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        if registry is None:
+            registry = CollectorRegistry()
+            register_process_metrics(registry)
+        self.registry = registry
         self.rows_read = Counter(
             "streamer_rows_read", "CSV records read, valid or not.", registry=self.registry
         )

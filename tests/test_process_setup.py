@@ -1,16 +1,22 @@
-"""Every pipeline component raises the young-generation threshold of the garbage collector at start."""
+"""Every pipeline component raises the garbage collector's young-generation threshold and exports process metrics."""
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 import collector.__main__ as collector_main
 import queue_server.__main__ as queue_main
 import streamer.__main__ as streamer_main
+from collector.metrics import CollectorMetrics
+from queue_server.metrics import build_registry
+from queue_server.service import QueueService, ServiceOptions
+from streamer.metrics import StreamerMetrics
 from telemetry.process import YOUNG_GENERATION_THRESHOLD, configure_garbage_collector
 
 
@@ -53,3 +59,26 @@ def test_entry_point_configures_collector(
 
     assert module.main(argv) == 0
     assert seen and seen[0][0] == YOUNG_GENERATION_THRESHOLD
+
+
+
+def _queue_registry(tmp_path: Path) -> CollectorRegistry:
+    return build_registry(QueueService(ServiceOptions(data_dir=tmp_path)))
+
+
+def _collector_registry(tmp_path: Path) -> CollectorRegistry:
+    return CollectorMetrics().registry
+
+
+def _streamer_registry(tmp_path: Path) -> CollectorRegistry:
+    return StreamerMetrics().registry
+
+
+@pytest.mark.parametrize(
+    "registry_of", [_queue_registry, _collector_registry, _streamer_registry], ids=["queue", "collector", "streamer"]
+)
+def test_component_exports_process_metrics(tmp_path: Path, registry_of: Callable[[Path], CollectorRegistry]) -> None:
+    text = generate_latest(registry_of(tmp_path)).decode()
+
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_gc_collections_total", "python_info"):
+        assert f"\n{name}" in text, f"{name} missing from the metrics"

@@ -478,6 +478,27 @@ _METRIC_TYPES = {
 }
 
 
+#: The metrics of prometheus-client's own collectors, which the code registers by class.
+_LIBRARY_COLLECTORS: dict[str, list[tuple[str, str, frozenset[str]]]] = {
+    "ProcessCollector": [
+        ("process_cpu_seconds_total", "counter", frozenset()),
+        ("process_virtual_memory_bytes", "gauge", frozenset()),
+        ("process_resident_memory_bytes", "gauge", frozenset()),
+        ("process_start_time_seconds", "gauge", frozenset()),
+        ("process_open_fds", "gauge", frozenset()),
+        ("process_max_fds", "gauge", frozenset()),
+    ],
+    "GCCollector": [
+        ("python_gc_objects_collected_total", "counter", frozenset({"generation"})),
+        ("python_gc_objects_uncollectable_total", "counter", frozenset({"generation"})),
+        ("python_gc_collections_total", "counter", frozenset({"generation"})),
+    ],
+    "PlatformCollector": [
+        ("python_info", "gauge", frozenset({"implementation", "major", "minor", "patchlevel", "version"})),
+    ],
+}
+
+
 @dataclass(frozen=True)
 class RegisteredMetric:
     """A metric constructor call in the code: its name, type and labels."""
@@ -578,6 +599,10 @@ def metrics_registered_by_code() -> list[RegisteredMetric]:
     for where, tree in _product_trees():
         constants = _module_string_sequences(tree)
         for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and _called_name(node.func) in _LIBRARY_COLLECTORS:
+                for name, kind, labels in _LIBRARY_COLLECTORS[_called_name(node.func) or ""]:
+                    metrics.append(RegisteredMetric(name, True, kind, labels, f"{where}:{node.lineno}"))
+                continue
             if not isinstance(node, ast.Call) or _called_name(node.func) not in _METRIC_TYPES or not node.args:
                 continue
             kind = _METRIC_TYPES[_called_name(node.func) or ""]
@@ -611,6 +636,7 @@ def test_code_scan_finds_variables_and_metrics() -> None:
     assert by_pattern["queue_wal_fsync_seconds"].kind == "histogram"
     assert by_pattern["queue_push_deliveries_total"].labels == {"queue", "subscription", "outcome"}
     assert not by_pattern["queue_[a-z_]+_messages"].exact
+    assert by_pattern["python_gc_collections_total"].labels == {"generation"}
 
 
 def test_code_variables_documented() -> None:
