@@ -93,16 +93,12 @@ def throughput(csv: Path, work_dir: Path, processes: int, passes: int) -> float:
         engine = make_engine(database_url)
         try:
             with engine.connect() as connection:
-                first_at: float | None = None
-                first_count = 0
-                deadline = time.monotonic() + 600
+                first_count, first_at = highest_sample_id(connection), time.monotonic()
+                deadline = first_at + 600
                 while time.monotonic() < deadline:
                     count = highest_sample_id(connection)
                     now = time.monotonic()
-                    if first_at is None:
-                        first_at, first_count = now, count
                     if count >= total:
-                        assert first_at is not None
                         break
                     time.sleep(0.1)
                 else:

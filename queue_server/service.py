@@ -316,16 +316,17 @@ class QueueService:
             ).encode()
             template = fields + b'"body":'
             offsets = batch.offsets
-            deliveries = batch.deliveries
+            delivery_counts = batch.deliveries
             origins = batch.origins
             base = offsets[first]
             for index in range(first, last + 1):
-                count = deliveries[index]
+                deliveries = delivery_counts[index]
+                values = (index, index, deliveries, deliveries)
                 if origins is None:
-                    append(template % (index, index, count, count))
+                    append(template % values)
                 else:
                     dead_letter = orjson.dumps(origins[index].to_json())
-                    append(fields % (index, index, count, count) + b'"dead_letter":' + dead_letter + b',"body":')
+                    append(fields % values + b'"dead_letter":' + dead_letter + b',"body":')
                 append(data[offsets[index] - base : offsets[index + 1] - base])
         # The first template's "}," closes no message: it becomes the opening.
         parts[0] = b'{"messages":[' + parts[0][2:]

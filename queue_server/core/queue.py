@@ -196,11 +196,11 @@ class Queue:
         ``exhausted`` instead when the queue has a dead-letter queue.
         """
         outcome = LeaseOutcome()
-        taken = self._take_ready(max_messages)
+        ready = self._take_ready(max_messages)
         if self.config.dead_letter_queue is None:
-            outcome.leased = taken
+            outcome.leased = ready
         else:
-            for batch, index in taken:
+            for batch, index in ready:
                 if self._exhausted(batch, index):
                     outcome.exhausted.append((batch, index))
                 else:

@@ -334,7 +334,7 @@ def test_redrive_respects_max_messages(broker: Broker) -> None:
     assert broker.queue("jobs.dlq").ready == 1
 
 
-def test_receipt_repeated_in_one_ack_is_acked_once(broker: Broker) -> None:
+def test_repeated_ack_receipt_acks_once(broker: Broker) -> None:
     publish(broker, "jobs", [b"x", b"y"])
     leased, _ = broker.lease("jobs", 2, None, NOW)
     first, second = leased[0].receipt, leased[1].receipt
@@ -347,7 +347,7 @@ def test_receipt_repeated_in_one_ack_is_acked_once(broker: Broker) -> None:
     assert (queue.live_messages, queue.totals.acked, queue.live_bytes) == (0, 2, 0)
 
 
-def test_receipt_repeated_in_one_dead_letter_nack_moves_once(broker: Broker) -> None:
+def test_repeated_dead_letter_receipt_moves_once(broker: Broker) -> None:
     publish(broker, "jobs", [b"x", b"y"])
     leased, _ = broker.lease("jobs", 2, None, NOW)
     first = leased[0].receipt
@@ -360,7 +360,7 @@ def test_receipt_repeated_in_one_dead_letter_nack_moves_once(broker: Broker) -> 
 
 
 @pytest.mark.parametrize("delay_s", [0.0, 30.0], ids=["ready", "delayed"])
-def test_receipt_repeated_in_one_nack_or_extend_applies_again(broker: Broker, delay_s: float) -> None:
+def test_repeated_nack_receipt_applies_again(broker: Broker, delay_s: float) -> None:
     publish(broker, "jobs", [b"x"])
     leased, _ = broker.lease("jobs", 1, None, NOW)
     receipt = leased[0].receipt
@@ -387,7 +387,8 @@ def test_ack_of_delayed_and_ready_messages_keeps_counts(broker: Broker) -> None:
     assert [status for _, status in outcome.results] == ["acked"] * 3
     queue = broker.queue("jobs")
     assert (queue.ready, queue.delayed, queue.leased, queue.live_bytes) == (0, 0, 0, 0)
-    assert broker.tick(NOW + 60) == [] and queue.ready == 0, "an acked message does not come due"
+    assert broker.tick(NOW + 60) == []
+    assert queue.ready == 0, "an acked message does not come due"
     assert broker.lease("jobs", 10, None, NOW + 60)[0] == [], "an acked message is not leased from the retry list"
 
 

@@ -94,7 +94,8 @@ def test_receipt_listed_twice_is_applied_once(queue_server) -> None:
 
     acked, moved, queue = asyncio.run(main())
 
-    assert acked.status_code == 200 and moved.status_code == 200
+    assert acked.status_code == 200
+    assert moved.status_code == 200
     assert [result["status"] for result in acked.json()["results"]] == ["acked", "not_found"]
     assert [result["status"] for result in moved.json()["results"]] == ["dead_lettered", "not_found"]
     stats = queue["stats"]
